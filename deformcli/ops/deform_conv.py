@@ -1,0 +1,347 @@
+"""Deformable convolution (DCNv1, modulated DCNv2) written only with PyTorch tensor operations.
+
+The op samples the input bilinearly at ``kernel position + learned offset`` for every output
+pixel, multiplies by an optional modulation mask, and contracts the sampled columns with the
+weight in one matrix multiply. Every step is an ordinary differentiable tensor op, so autograd
+(double backward included), ``torch.compile``, ``torch.export``, ONNX export and TorchScript
+all see through it, and it runs on any device torch runs on.
+
+How it is computed, and why that is fast and exact:
+
+* Bilinear sampling is ``torch.nn.functional.grid_sample`` (zeros padding), one fused,
+  vectorised kernel per device with its own backward and double backward. Its zeros padding
+  is exactly torchvision's rule that each corner outside the image contributes zero.
+* Each offset group is a batch entry of ``grid_sample`` and the kernel points are stacked
+  along the sampled height, so the result is the classic ``(C_in * K, positions)`` column
+  matrix of im2col, contracted with the weight in a single batched GEMM per conv group.
+* ``grid_sample`` takes normalised coordinates. The image is zero-padded on the bottom and
+  right to power-of-two sizes so that normalising and unnormalising only multiply by powers
+  of two: integer sampling points survive the round trip exactly, and with them
+  torchvision's one-sided offset gradient at integer coordinates.
+* Output rows are processed in chunks so the temporary columns stay below a cap
+  (:func:`set_max_column_bytes`), which bounds memory on large images.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn import init
+from torch.nn.modules.utils import _pair
+
+from deformcli.ops._checks import check_deform_conv2d_arguments
+
+__all__ = [
+    "DeformConv2d",
+    "deform_conv2d",
+    "get_max_column_bytes",
+    "set_max_column_bytes",
+]
+
+# Upper bound on the bytes of the sampled columns of one chunk of output rows. With a mask
+# the forward pass holds about twice this in temporaries (sampled and modulated columns).
+# 4 MiB keeps one chunk's columns in the last-level cache between sampling, modulation and the
+# GEMM, which makes small chunks faster than one big one on CPU.
+_max_column_bytes: List[int] = [4 * 2**20]
+
+# Chunks hold at least this many output positions so the GEMM stays efficient on narrow images.
+_MIN_CHUNK_POSITIONS = 1024
+
+# With autograd, each chunk's sampling backward produces an input-sized gradient that is then
+# summed, so training keeps the number of chunks small.
+_MAX_CHUNKS_WITH_INPUT_GRAD = 8
+
+
+def set_max_column_bytes(max_bytes: int) -> None:
+    """Cap the temporary sampled-column memory of one chunk of output rows.
+
+    Larger caps mean fewer, bigger chunks (slightly faster); smaller caps bound peak memory on
+    large images. At least one output row is processed per chunk whatever the cap.
+    Traced and compiled graphs are not chunked (their shapes may be symbolic).
+    """
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    _max_column_bytes[0] = int(max_bytes)
+
+
+def get_max_column_bytes() -> int:
+    """The current cap set by :func:`set_max_column_bytes` (default 4 MiB)."""
+    return _max_column_bytes[0]
+
+
+def deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: Tuple[int, int] = (1, 1),
+    padding: Tuple[int, int] = (0, 0),
+    dilation: Tuple[int, int] = (1, 1),
+    mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Deformable 2-D convolution, a drop-in for :func:`torchvision.ops.deform_conv2d`.
+
+    Performs Deformable Convolution v2 (https://arxiv.org/abs/1811.11168) if ``mask`` is given,
+    else Deformable Convolution (https://arxiv.org/abs/1703.06211). Numbers and all five
+    gradients (input, offset, mask, weight, bias) equal torchvision's, including its one-sided
+    offset gradient at integer sampling coordinates.
+
+    Args:
+        input: ``(N, C_in, H, W)``.
+        offset: ``(N, 2 * offset_groups * kH * kW, H_out, W_out)``; for offset group ``g`` and
+            kernel point ``k = i * kW + j`` channel ``2 * (g * kH * kW + k)`` is the y (row)
+            displacement and the next channel the x (column) displacement.
+        weight: ``(C_out, C_in // groups, kH, kW)``; ``groups = C_in // weight.shape[1]``.
+        bias: ``(C_out,)`` or None.
+        stride, padding, dilation: an int or a pair ``(h, w)``.
+        mask: ``(N, offset_groups * kH * kW, H_out, W_out)`` modulation, or None.
+
+    Returns:
+        ``(N, C_out, H_out, W_out)`` with
+        ``H_out = (H + 2 * padding_h - dilation_h * (kH - 1) - 1) // stride_h + 1`` (same for W).
+
+    Sampling is bilinear; each of the four corners that falls outside the image contributes
+    zero. Conv groups and offset groups are independent of each other.
+    """
+    stride_h, stride_w = _pair(stride)
+    pad_h, pad_w = _pair(padding)
+    dil_h, dil_w = _pair(dilation)
+    return _deform_conv2d(
+        input,
+        offset,
+        weight,
+        bias,
+        (stride_h, stride_w),
+        (pad_h, pad_w),
+        (dil_h, dil_w),
+        mask,
+        False,
+    )
+
+
+def _deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+    mask: Optional[Tensor],
+    offset_grad_inside_only: bool,
+) -> Tensor:
+    """The op, with the choice of offset-gradient convention.
+
+    ``offset_grad_inside_only=False`` is torchvision's convention. ``True`` is mmcv's (and the
+    DB detector's): a sampling point with ``y <= -1``, ``y >= H``, ``x <= -1`` or ``x >= W``
+    passes no gradient to its offset. The forward values are identical; the two differ only
+    for points exactly on ``y == -1`` or ``x == -1``, where torchvision's one-sided derivative
+    sees row or column 0.
+    """
+    groups, offset_groups, out_h, out_w = check_deform_conv2d_arguments(
+        input, offset, weight, bias, stride, padding, dilation, mask
+    )
+    batch, in_channels, height, width = input.shape
+    out_channels, group_in_channels, kernel_h, kernel_w = weight.shape
+    kernel_points = kernel_h * kernel_w
+
+    # Sampling runs in at least float32: half-precision coordinates would be off by pixels.
+    sample_dtype = input.dtype
+    if sample_dtype == torch.float16 or sample_dtype == torch.bfloat16:
+        sample_dtype = torch.float32
+
+    # Sampling coordinates, each (N, offset_groups, K, H_out, W_out), in unpadded pixels.
+    offset = offset.to(sample_dtype).reshape(batch, offset_groups, kernel_points, 2, out_h, out_w)
+    base_y, base_x = _kernel_grid(
+        kernel_h, kernel_w, out_h, out_w, stride, padding, dilation, sample_dtype, input.device
+    )
+    y = base_y + offset[:, :, :, 0]
+    x = base_x + offset[:, :, :, 1]
+    if offset_grad_inside_only:
+        inside = (y > -1) & (y < height) & (x > -1) & (x < width)
+        y = torch.where(inside, y, y.detach())
+        x = torch.where(inside, x, x.detach())
+
+    padded_h = _next_power_of_two(height)
+    padded_w = _next_power_of_two(width)
+    # (N * offset_groups, C_in / offset_groups, padded_h, padded_w)
+    image = F.pad(input.to(sample_dtype), (0, padded_w - width, 0, padded_h - height))
+    image = image.reshape(batch * offset_groups, in_channels // offset_groups, padded_h, padded_w)
+    # grid_sample (align_corners=False) maps pixel p to (p + 0.5) * 2 / size - 1.
+    grid = torch.stack(
+        [(x + 0.5) * (2.0 / padded_w) - 1.0, (y + 0.5) * (2.0 / padded_h) - 1.0], dim=-1
+    ).reshape(batch * offset_groups, kernel_points, out_h, out_w, 2)
+    modulation: Optional[Tensor] = None
+    if mask is not None:
+        modulation = mask.reshape(batch, offset_groups, 1, kernel_points, out_h, out_w)
+
+    weight_matrix = weight.reshape(
+        groups, out_channels // groups, group_in_channels * kernel_points
+    )
+    rows_per_chunk = _chunk_rows(
+        out_h,
+        out_w,
+        batch * in_channels * kernel_points * out_w * input.element_size(),
+        torch.is_grad_enabled() and image.requires_grad,
+    )
+    outputs: List[Tensor] = []
+    for row_start in range(0, out_h, rows_per_chunk):
+        row_stop = min(row_start + rows_per_chunk, out_h)
+        rows = row_stop - row_start
+        # (N * offset_groups, C_in / offset_groups, K * rows, W_out): im2col columns.
+        columns = F.grid_sample(
+            image,
+            grid[:, :, row_start:row_stop].reshape(
+                batch * offset_groups, kernel_points * rows, out_w, 2
+            ),
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
+        ).to(input.dtype)
+        if modulation is not None:
+            columns = columns.reshape(
+                batch, offset_groups, in_channels // offset_groups, kernel_points, rows, out_w
+            )
+            chunk_mask = modulation[..., row_start:row_stop, :]
+            if torch.is_grad_enabled() and (columns.requires_grad or chunk_mask.requires_grad):
+                columns = columns * chunk_mask
+            else:
+                # Saves allocating a second column buffer at inference.
+                columns = columns.mul_(chunk_mask)
+        columns = columns.reshape(batch, groups, group_in_channels * kernel_points, rows * out_w)
+        # (groups, C_out/groups, C_in/groups * K) @ (N, groups, C_in/groups * K, rows * W_out)
+        outputs.append(
+            torch.matmul(weight_matrix, columns).reshape(batch, out_channels, rows * out_w)
+        )
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    if bias is not None:
+        out = out + bias.view(1, out_channels, 1)
+    return out.reshape(batch, out_channels, out_h, out_w)
+
+
+def _kernel_grid(
+    kernel_h: int,
+    kernel_w: int,
+    out_h: int,
+    out_w: int,
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tuple[Tensor, Tensor]:
+    """Undeformed sampling coordinates, each ``(K, H_out, W_out)`` for ``K = kH * kW``."""
+    rows = torch.arange(out_h, device=device, dtype=dtype) * stride[0] - padding[0]
+    cols = torch.arange(out_w, device=device, dtype=dtype) * stride[1] - padding[1]
+    kernel_rows = torch.arange(kernel_h, device=device, dtype=dtype) * dilation[0]
+    kernel_cols = torch.arange(kernel_w, device=device, dtype=dtype) * dilation[1]
+    base_y = kernel_rows.view(kernel_h, 1, 1, 1) + rows.view(1, 1, out_h, 1)
+    base_x = kernel_cols.view(1, kernel_w, 1, 1) + cols.view(1, 1, 1, out_w)
+    shape = (kernel_h * kernel_w, out_h, out_w)
+    base_y = base_y.expand(kernel_h, kernel_w, out_h, out_w).reshape(shape)
+    base_x = base_x.expand(kernel_h, kernel_w, out_h, out_w).reshape(shape)
+    return base_y, base_x
+
+
+def _next_power_of_two(size: int) -> int:
+    power = 1
+    while power < size:
+        power *= 2
+    return power
+
+
+def _chunk_rows(out_h: int, out_w: int, bytes_per_row: int, input_needs_grad: bool) -> int:
+    """How many output rows one chunk may hold under the column-memory cap."""
+    if torch.jit.is_scripting() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return out_h
+    rows = max(_max_column_bytes[0] // max(bytes_per_row, 1), -(-_MIN_CHUNK_POSITIONS // out_w))
+    if input_needs_grad:
+        rows = max(rows, -(-out_h // _MAX_CHUNKS_WITH_INPUT_GRAD))
+    return min(out_h, rows)
+
+
+class DeformConv2d(nn.Module):
+    """Deformable convolution layer, a drop-in for :class:`torchvision.ops.DeformConv2d`.
+
+    Same constructor, parameter names (``weight``, ``bias``), shapes and initialisation, so a
+    state_dict moves between torchvision's module and this one with ``strict=True``.
+
+    Shapes:
+        input ``(N, in_channels, H, W)``; offset ``(N, 2 * offset_groups * kH * kW, H_out, W_out)``;
+        mask ``(N, offset_groups * kH * kW, H_out, W_out)`` or None; output
+        ``(N, out_channels, H_out, W_out)``. ``offset_groups`` is read from the offset's shape.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Tuple[int, int],
+        stride: int | Tuple[int, int] = 1,
+        padding: int | Tuple[int, int] = 0,
+        dilation: int | Tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if in_channels % groups != 0:
+            raise ValueError(
+                f"in_channels ({in_channels}) must be divisible by groups ({groups})"
+            )
+        if out_channels % groups != 0:
+            raise ValueError(
+                f"out_channels ({out_channels}) must be divisible by groups ({groups})"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels // groups, self.kernel_size[0], self.kernel_size[1])
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # torchvision's initialisation: Kaiming-uniform weight, bias uniform in +-1/sqrt(fan_in).
+        init.kaiming_uniform_(self.weight, a=5**0.5)
+        if self.bias is not None:
+            fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
+            bound = 1 / fan_in**0.5
+            init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: Tensor, offset: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """input ``(N, C_in, H, W)``, offset ``(N, 2*G*kH*kW, H_out, W_out)``, mask or None."""
+        return deform_conv2d(
+            input,
+            offset,
+            self.weight,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            mask=mask,
+        )
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}"
+        )
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s
