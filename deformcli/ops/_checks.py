@@ -5,8 +5,6 @@ padding or dilation values raise ``ValueError``. Every message names the tensor,
 expected and what was given.
 """
 
-from typing import Optional, Tuple
-
 from torch import Tensor
 
 
@@ -14,12 +12,12 @@ def check_deform_conv2d_arguments(
     input: Tensor,
     offset: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
-    stride: Tuple[int, int],
-    padding: Tuple[int, int],
-    dilation: Tuple[int, int],
-    mask: Optional[Tensor],
-) -> Tuple[int, int, int, int]:
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    mask: Tensor | None,
+) -> tuple[int, int, int, int]:
     """Validate the op's arguments.
 
     Returns:
@@ -44,7 +42,9 @@ def check_deform_conv2d_arguments(
     out_channels, group_in_channels, kernel_h, kernel_w = weight.shape
     kernel_points = kernel_h * kernel_w
     if group_in_channels == 0 or kernel_points == 0:
-        raise RuntimeError(f"weight must have non-empty channel and kernel dims, got shape {list(weight.shape)}")
+        raise RuntimeError(
+            f"weight must have non-empty channel and kernel dims, got shape {list(weight.shape)}"
+        )
     if in_channels % group_in_channels != 0:
         raise RuntimeError(
             f"input has {in_channels} channels, which is not a multiple of weight.shape[1]="
@@ -103,9 +103,7 @@ def check_deform_conv2d_arguments(
 
 def _check_dims(name: str, tensor: Tensor, layout: str) -> None:
     if tensor.dim() != 4:
-        raise RuntimeError(
-            f"{name} must be a 4-D tensor {layout}, got shape {list(tensor.shape)}"
-        )
+        raise RuntimeError(f"{name} must be a 4-D tensor {layout}, got shape {list(tensor.shape)}")
 
 
 def _check_tensor_like(name: str, tensor: Tensor, input: Tensor) -> None:

@@ -22,8 +22,6 @@ How it is computed, and why that is fast and exact:
   (:func:`set_max_column_bytes`), which bounds memory on large images.
 """
 
-from typing import List, Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,7 +41,7 @@ __all__ = [
 # the forward pass holds about twice this in temporaries (sampled and modulated columns).
 # 4 MiB keeps one chunk's columns in the last-level cache between sampling, modulation and the
 # GEMM, which makes small chunks faster than one big one on CPU.
-_max_column_bytes: List[int] = [4 * 2**20]
+_max_column_bytes: list[int] = [4 * 2**20]
 
 # Chunks hold at least this many output positions so the GEMM stays efficient on narrow images.
 _MIN_CHUNK_POSITIONS = 1024
@@ -74,11 +72,11 @@ def deform_conv2d(
     input: Tensor,
     offset: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor] = None,
-    stride: Tuple[int, int] = (1, 1),
-    padding: Tuple[int, int] = (0, 0),
-    dilation: Tuple[int, int] = (1, 1),
-    mask: Optional[Tensor] = None,
+    bias: Tensor | None = None,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Deformable 2-D convolution, a drop-in for :func:`torchvision.ops.deform_conv2d`.
 
@@ -124,11 +122,11 @@ def _deform_conv2d(
     input: Tensor,
     offset: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
-    stride: Tuple[int, int],
-    padding: Tuple[int, int],
-    dilation: Tuple[int, int],
-    mask: Optional[Tensor],
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    mask: Tensor | None,
     offset_grad_inside_only: bool,
 ) -> Tensor:
     """The op, with the choice of offset-gradient convention.
@@ -172,7 +170,7 @@ def _deform_conv2d(
     grid = torch.stack(
         [(x + 0.5) * (2.0 / padded_w) - 1.0, (y + 0.5) * (2.0 / padded_h) - 1.0], dim=-1
     ).reshape(batch * offset_groups, kernel_points, out_h, out_w, 2)
-    modulation: Optional[Tensor] = None
+    modulation: Tensor | None = None
     if mask is not None:
         modulation = mask.reshape(batch, offset_groups, 1, kernel_points, out_h, out_w)
 
@@ -185,39 +183,78 @@ def _deform_conv2d(
         batch * in_channels * kernel_points * out_w * input.element_size(),
         torch.is_grad_enabled() and image.requires_grad,
     )
-    outputs: List[Tensor] = []
-    for row_start in range(0, out_h, rows_per_chunk):
-        row_stop = min(row_start + rows_per_chunk, out_h)
-        rows = row_stop - row_start
-        # (N * offset_groups, C_in / offset_groups, K * rows, W_out): im2col columns.
-        columns = F.grid_sample(
-            image,
-            grid[:, :, row_start:row_stop].reshape(
-                batch * offset_groups, kernel_points * rows, out_w, 2
+    # out[n, group] = weight_matrix[group] @ columns[n, group]: (C_out/groups, positions)
+    if rows_per_chunk >= out_h:
+        out = torch.matmul(
+            weight_matrix,
+            _sample_columns(
+                image, grid, modulation, 0, out_h, batch, offset_groups, groups, input.dtype
             ),
-            mode="bilinear",
-            padding_mode="zeros",
-            align_corners=False,
-        ).to(input.dtype)
-        if modulation is not None:
-            columns = columns.reshape(
-                batch, offset_groups, in_channels // offset_groups, kernel_points, rows, out_w
-            )
-            chunk_mask = modulation[..., row_start:row_stop, :]
-            if torch.is_grad_enabled() and (columns.requires_grad or chunk_mask.requires_grad):
-                columns = columns * chunk_mask
-            else:
-                # Saves allocating a second column buffer at inference.
-                columns = columns.mul_(chunk_mask)
-        columns = columns.reshape(batch, groups, group_in_channels * kernel_points, rows * out_w)
-        # (groups, C_out/groups, C_in/groups * K) @ (N, groups, C_in/groups * K, rows * W_out)
-        outputs.append(
-            torch.matmul(weight_matrix, columns).reshape(batch, out_channels, rows * out_w)
         )
-    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    else:
+        out = input.new_empty(batch, groups, out_channels // groups, out_h * out_w)
+        for row_start in range(0, out_h, rows_per_chunk):
+            row_stop = min(row_start + rows_per_chunk, out_h)
+            columns = _sample_columns(
+                image,
+                grid,
+                modulation,
+                row_start,
+                row_stop,
+                batch,
+                offset_groups,
+                groups,
+                input.dtype,
+            )
+            out[..., row_start * out_w : row_stop * out_w] = torch.matmul(weight_matrix, columns)
+    out = out.reshape(batch, out_channels, out_h, out_w)
     if bias is not None:
-        out = out + bias.view(1, out_channels, 1)
-    return out.reshape(batch, out_channels, out_h, out_w)
+        out = out + bias.view(1, out_channels, 1, 1)
+    return out
+
+
+def _sample_columns(
+    image: Tensor,
+    grid: Tensor,
+    modulation: Tensor | None,
+    row_start: int,
+    row_stop: int,
+    batch: int,
+    offset_groups: int,
+    groups: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Modulated im2col columns of output rows ``row_start:row_stop``.
+
+    Args:
+        image: ``(N * offset_groups, C_in / offset_groups, padded_h, padded_w)``.
+        grid: ``(N * offset_groups, K, H_out, W_out, 2)`` normalised (x, y) sampling points.
+        modulation: ``(N, offset_groups, 1, K, H_out, W_out)`` or None.
+
+    Returns:
+        ``(N, groups, C_in / groups * K, rows * W_out)`` columns in ``dtype``.
+    """
+    batch_offset_groups, group_channels, _, _ = image.shape
+    _, kernel_points, _, out_w, _ = grid.shape
+    rows = row_stop - row_start
+    # (N * offset_groups, C_in / offset_groups, K * rows, W_out)
+    columns = F.grid_sample(
+        image,
+        grid[:, :, row_start:row_stop].reshape(batch_offset_groups, kernel_points * rows, out_w, 2),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
+    ).to(dtype)
+    if modulation is not None:
+        columns = columns.reshape(batch, offset_groups, group_channels, kernel_points, rows, out_w)
+        chunk_mask = modulation[..., row_start:row_stop, :]
+        if torch.is_grad_enabled() and (columns.requires_grad or chunk_mask.requires_grad):
+            columns = columns * chunk_mask
+        else:
+            # Saves allocating a second column buffer at inference.
+            columns = columns.mul_(chunk_mask)
+    in_channels = offset_groups * group_channels
+    return columns.reshape(batch, groups, in_channels // groups * kernel_points, rows * out_w)
 
 
 def _kernel_grid(
@@ -225,12 +262,12 @@ def _kernel_grid(
     kernel_w: int,
     out_h: int,
     out_w: int,
-    stride: Tuple[int, int],
-    padding: Tuple[int, int],
-    dilation: Tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
     dtype: torch.dtype,
     device: torch.device,
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Undeformed sampling coordinates, each ``(K, H_out, W_out)`` for ``K = kH * kW``."""
     rows = torch.arange(out_h, device=device, dtype=dtype) * stride[0] - padding[0]
     cols = torch.arange(out_w, device=device, dtype=dtype) * stride[1] - padding[1]
@@ -277,18 +314,16 @@ class DeformConv2d(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int | Tuple[int, int],
-        stride: int | Tuple[int, int] = 1,
-        padding: int | Tuple[int, int] = 0,
-        dilation: int | Tuple[int, int] = 1,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = True,
     ) -> None:
         super().__init__()
         if in_channels % groups != 0:
-            raise ValueError(
-                f"in_channels ({in_channels}) must be divisible by groups ({groups})"
-            )
+            raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
         if out_channels % groups != 0:
             raise ValueError(
                 f"out_channels ({out_channels}) must be divisible by groups ({groups})"
@@ -302,7 +337,9 @@ class DeformConv2d(nn.Module):
         self.groups = groups
 
         self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels // groups, self.kernel_size[0], self.kernel_size[1])
+            torch.empty(
+                out_channels, in_channels // groups, self.kernel_size[0], self.kernel_size[1]
+            )
         )
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels))
@@ -318,7 +355,7 @@ class DeformConv2d(nn.Module):
             bound = 1 / fan_in**0.5
             init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, input: Tensor, offset: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
         """input ``(N, C_in, H, W)``, offset ``(N, 2*G*kH*kW, H_out, W_out)``, mask or None."""
         return deform_conv2d(
             input,

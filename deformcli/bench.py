@@ -1,0 +1,221 @@
+"""Side-by-side timing of deformcli's op, torchvision's kernel and dense conv2d.
+
+All three run in the same process, interleaved round by round so machine noise hits them
+alike; each reported time is the median over rounds. Peak memory is measured in a fresh
+subprocess per implementation: the resident high-water mark during one forward minus the
+resident size before it.
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from deformcli.ops import deform_conv2d
+
+# The deformable layers of DBNet (ResNet stages 2-4 at 640x640 input, and a larger map).
+DBNET_LAYER_SHAPES: list[tuple[int, int, int, int]] = [
+    (1, 128, 80, 80),
+    (1, 256, 40, 40),
+    (1, 512, 20, 20),
+    (1, 128, 128, 128),
+]
+
+IMPLEMENTATIONS = ("deformcli", "torchvision", "dense")
+
+
+@dataclass
+class LayerTiming:
+    """Median milliseconds of one 3x3, padding-1, modulated layer of ``shape`` (N, C, H, W)."""
+
+    shape: tuple[int, int, int, int]
+    dtype: str
+    device: str
+    backward: bool
+    rounds: int
+    deformcli_ms: float
+    torchvision_ms: float | None
+    dense_ms: float
+
+    @property
+    def speedup_vs_torchvision(self) -> float | None:
+        if self.torchvision_ms is None:
+            return None
+        return self.torchvision_ms / self.deformcli_ms
+
+    @property
+    def ratio_to_dense(self) -> float:
+        return self.deformcli_ms / self.dense_ms
+
+    def to_dict(self) -> dict:
+        row = asdict(self)
+        row["speedup_vs_torchvision"] = self.speedup_vs_torchvision
+        row["ratio_to_dense"] = self.ratio_to_dense
+        return row
+
+
+def make_layer_inputs(
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    requires_grad: bool = False,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Input, offset, mask and weight of a DBNet-style 3x3 DCNv2 layer (C_in = C_out)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, channels, height, width = shape
+    tensors = {
+        "input": torch.randn(batch, channels, height, width, generator=generator),
+        "offset": torch.randn(batch, 18, height, width, generator=generator),
+        "mask": torch.rand(batch, 9, height, width, generator=generator),
+        "weight": torch.randn(channels, channels, 3, 3, generator=generator)
+        / (9 * channels) ** 0.5,
+    }
+    return {
+        name: t.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+        for name, t in tensors.items()
+    }
+
+
+def layer_callable(
+    implementation: str, tensors: dict[str, torch.Tensor], backward: bool
+) -> Callable[[], None]:
+    """A zero-argument function running one forward (and backward) of ``implementation``."""
+    if implementation == "deformcli":
+
+        def forward() -> torch.Tensor:
+            return deform_conv2d(
+                tensors["input"],
+                tensors["offset"],
+                tensors["weight"],
+                padding=1,
+                mask=tensors["mask"],
+            )
+    elif implementation == "torchvision":
+        from torchvision.ops import deform_conv2d as torchvision_deform_conv2d
+
+        def forward() -> torch.Tensor:
+            return torchvision_deform_conv2d(
+                tensors["input"],
+                tensors["offset"],
+                tensors["weight"],
+                padding=1,
+                mask=tensors["mask"],
+            )
+    elif implementation == "dense":
+
+        def forward() -> torch.Tensor:
+            return F.conv2d(tensors["input"], tensors["weight"], padding=1)
+    else:
+        raise ValueError(
+            f"unknown implementation {implementation!r}; choose from {IMPLEMENTATIONS}"
+        )
+
+    def run() -> None:
+        if backward:
+            forward().sum().backward()
+        else:
+            with torch.no_grad():
+                forward()
+
+    return run
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def torchvision_available() -> bool:
+    try:
+        import torchvision.ops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def time_layer(
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    backward: bool = False,
+    rounds: int = 7,
+    warmup: int = 2,
+) -> LayerTiming:
+    """Median time of deformcli, torchvision and dense conv2d on one layer, interleaved."""
+    tensors = make_layer_inputs(shape, dtype, device, requires_grad=backward)
+    names = [n for n in IMPLEMENTATIONS if n != "torchvision" or torchvision_available()]
+    runs = {name: layer_callable(name, tensors, backward) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(warmup + rounds):
+        for name in names:
+            _synchronize(device)
+            start = time.perf_counter()
+            runs[name]()
+            _synchronize(device)
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    return LayerTiming(
+        shape=shape,
+        dtype=str(dtype).removeprefix("torch."),
+        device=device,
+        backward=backward,
+        rounds=rounds,
+        deformcli_ms=medians["deformcli"],
+        torchvision_ms=medians.get("torchvision"),
+        dense_ms=medians["dense"],
+    )
+
+
+def peak_memory_mib(
+    implementation: str, shape: tuple[int, int, int, int], dtype: str = "float32"
+) -> float | None:
+    """Peak extra resident memory (MiB) of one inference forward, in a fresh subprocess.
+
+    Returns None where the platform cannot report it (it needs Linux's ``/proc``).
+    """
+    code = (
+        "import sys, json; from deformcli.bench import _measure_peak_in_this_process as m; "
+        "print(json.dumps(m(sys.argv[1], tuple(map(int, sys.argv[2].split(','))), sys.argv[3])))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, implementation, ",".join(map(str, shape)), dtype],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _measure_peak_in_this_process(
+    implementation: str, shape: tuple[int, int, int, int], dtype: str
+) -> float | None:
+    """Peak resident memory (MiB) above the level before one forward, via Linux's VmHWM."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets the high-water mark VmHWM to the current resident size
+    except OSError:
+        return None
+    tensors = make_layer_inputs(shape, getattr(torch, dtype))
+    # Warm up on a tiny layer so lazily loaded kernels do not count as the op's memory.
+    layer_callable(implementation, make_layer_inputs((1, 8, 8, 8)), backward=False)()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    layer_callable(implementation, tensors, backward=False)()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")

@@ -1,0 +1,104 @@
+"""Shared test helpers: random problems and scale-aware comparisons."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def assert_close_scaled(actual: Tensor, expected: Tensor, tol: float, name: str = "") -> None:
+    """``max |actual - expected| <= tol * max(1, max |expected|)`` (tolerance relative to scale)."""
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    if expected.numel() == 0:
+        return
+    scale = max(1.0, expected.abs().max().item())
+    error = (actual - expected).abs().max().item()
+    assert error <= tol * scale, f"{name}: max abs error {error:.3e} > {tol:.1e} * {scale:.3g}"
+
+
+@dataclass
+class Problem:
+    input: Tensor
+    offset: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    mask: Tensor | None
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    def tensors(self) -> list[Tensor]:
+        return [
+            t for t in (self.input, self.offset, self.weight, self.bias, self.mask) if t is not None
+        ]
+
+    def call(self, op, tensors: list[Tensor] | None = None) -> Tensor:
+        """Run ``op`` on this problem, optionally with replacement tensors (same order)."""
+        values = iter(tensors if tensors is not None else self.tensors())
+        input, offset, weight = next(values), next(values), next(values)
+        bias = next(values) if self.bias is not None else None
+        mask = next(values) if self.mask is not None else None
+        return op(input, offset, weight, bias, self.stride, self.padding, self.dilation, mask)
+
+
+def make_problem(
+    batch: int = 2,
+    in_channels: int = 12,
+    out_channels: int = 8,
+    size: tuple[int, int] = (7, 9),
+    kernel: tuple[int, int] = (3, 3),
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (1, 1),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+    offset_groups: int = 1,
+    with_mask: bool = True,
+    with_bias: bool = True,
+    offset_scale: float = 3.0,
+    integer_offsets: bool = False,
+    dtype: torch.dtype = torch.float64,
+    device: str = "cpu",
+) -> Problem:
+    """A random problem whose offsets (scale 3 by default) sample well outside the image."""
+    kernel_h, kernel_w = kernel
+    out_h = (size[0] + 2 * padding[0] - dilation[0] * (kernel_h - 1) - 1) // stride[0] + 1
+    out_w = (size[1] + 2 * padding[1] - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
+    points = offset_groups * kernel_h * kernel_w
+    offset = torch.randn(batch, 2 * points, out_h, out_w, dtype=torch.float64) * offset_scale
+    if integer_offsets:
+        offset = offset.round()
+    return Problem(
+        input=torch.randn(batch, in_channels, *size, dtype=dtype, device=device),
+        offset=offset.to(dtype=dtype, device=device),
+        weight=torch.randn(
+            out_channels, in_channels // groups, *kernel, dtype=dtype, device=device
+        ),
+        bias=torch.randn(out_channels, dtype=dtype, device=device) if with_bias else None,
+        mask=torch.rand(batch, points, out_h, out_w, dtype=dtype, device=device)
+        if with_mask
+        else None,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+    )
+
+
+def forward_and_grads(op, problem: Problem, seed: int = 1) -> list[Tensor]:
+    """Output followed by the gradient of every tensor argument for a fixed random upstream grad."""
+    tensors = [t.detach().clone().requires_grad_() for t in problem.tensors()]
+    out = problem.call(op, tensors)
+    upstream = torch.randn(
+        out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
+    grads = torch.autograd.grad(out, tensors, upstream.to(out.dtype).to(out.device))
+    return [out.detach(), *grads]
+
+
+def names_for(problem: Problem) -> list[str]:
+    names = ["output", "input", "offset", "weight"]
+    if problem.bias is not None:
+        names.append("bias")
+    if problem.mask is not None:
+        names.append("mask")
+    return names

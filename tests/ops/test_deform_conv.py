@@ -1,0 +1,257 @@
+"""deform_conv2d against torchvision's kernel and an independent loop reference."""
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+from deformcli import deform_conv2d, get_max_column_bytes, set_max_column_bytes
+from tests.helpers import assert_close_scaled, forward_and_grads, make_problem, names_for
+from tests.reference import deform_conv2d_loop
+
+TV = torchvision.ops.deform_conv2d
+
+GEOMETRIES = {
+    "plain": dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1)),
+    "asymmetric": dict(stride=(2, 1), padding=(1, 0), dilation=(2, 1)),
+}
+GRID = list(
+    itertools.product(
+        [(3, 3), (3, 2), (1, 1)],
+        [1, 2, 4],  # conv groups
+        [1, 3],  # offset groups, independent of conv groups
+        [True, False],  # mask
+        [True, False],  # bias
+        list(GEOMETRIES),
+    )
+)
+
+
+def _check_against(op, problem, tol) -> None:
+    expected = forward_and_grads(op, problem)
+    actual = forward_and_grads(deform_conv2d, problem)
+    for name, a, e in zip(names_for(problem), actual, expected, strict=True):
+        assert_close_scaled(a, e, tol, name)
+
+
+@pytest.mark.parametrize(("kernel", "groups", "offset_groups", "mask", "bias", "geometry"), GRID)
+def test_matches_torchvision_float64(kernel, groups, offset_groups, mask, bias, geometry):
+    problem = make_problem(
+        kernel=kernel,
+        groups=groups,
+        offset_groups=offset_groups,
+        with_mask=mask,
+        with_bias=bias,
+        **GEOMETRIES[geometry],
+    )
+    _check_against(TV, problem, 1e-10)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "groups", "offset_groups", "geometry"),
+    [
+        ((3, 3), 1, 1, "plain"),
+        ((3, 2), 2, 3, "asymmetric"),
+        ((1, 1), 4, 1, "asymmetric"),
+        ((3, 3), 4, 3, "plain"),
+    ],
+)
+def test_matches_torchvision_float32(kernel, groups, offset_groups, geometry):
+    problem = make_problem(
+        kernel=kernel,
+        groups=groups,
+        offset_groups=offset_groups,
+        dtype=torch.float32,
+        **GEOMETRIES[geometry],
+    )
+    _check_against(TV, problem, 1e-5)
+
+
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("mask", [True, False])
+def test_integer_offsets_match_torchvision_gradients(geometry, mask):
+    # Every sample on an exact grid point, many on the border rows/columns -1, 0, H-1 and H:
+    # torchvision's offset gradient there is one-sided, and ours must be the same side.
+    problem = make_problem(
+        integer_offsets=True, offset_scale=1.5, with_mask=mask, **GEOMETRIES[geometry]
+    )
+    _check_against(TV, problem, 1e-10)
+
+
+def test_zero_offsets_equal_dense_convolution():
+    problem = make_problem(offset_scale=0.0, with_mask=False, groups=2, **GEOMETRIES["asymmetric"])
+    dense = torch.nn.functional.conv2d(
+        problem.input,
+        problem.weight,
+        problem.bias,
+        problem.stride,
+        problem.padding,
+        problem.dilation,
+        groups=2,
+    )
+    assert_close_scaled(problem.call(deform_conv2d), dense, 1e-12, "output")
+
+
+def test_offsets_far_outside_give_bias_only():
+    problem = make_problem(offset_scale=0.0)
+    problem.offset = torch.full_like(problem.offset, 1e4)
+    out = problem.call(deform_conv2d)
+    assert torch.equal(out, problem.bias.view(1, -1, 1, 1).expand_as(out))
+
+
+@pytest.mark.parametrize(
+    ("kernel", "groups", "offset_groups", "geometry"),
+    [
+        ((3, 3), 1, 1, "plain"),
+        ((3, 2), 2, 3, "asymmetric"),
+        ((2, 2), 1, 2, "asymmetric"),
+    ],
+)
+def test_matches_loop_reference(kernel, groups, offset_groups, geometry):
+    problem = make_problem(
+        batch=2,
+        in_channels=6,
+        out_channels=4,
+        size=(5, 6),
+        kernel=kernel,
+        groups=groups,
+        offset_groups=offset_groups,
+        **GEOMETRIES[geometry],
+    )
+    _check_against(deform_conv2d_loop, problem, 1e-10)
+
+
+def test_loop_reference_agrees_with_torchvision():
+    # The two references are independent; their agreement is what makes either trustworthy.
+    problem = make_problem(batch=1, in_channels=4, out_channels=2, size=(4, 5), offset_groups=2)
+    for name, a, e in zip(
+        names_for(problem),
+        forward_and_grads(deform_conv2d_loop, problem),
+        forward_and_grads(TV, problem),
+        strict=True,
+    ):
+        assert_close_scaled(a, e, 1e-10, name)
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_batch_zero(mask):
+    problem = make_problem(batch=0, with_mask=mask)
+    outputs = forward_and_grads(deform_conv2d, problem)
+    assert outputs[0].shape == (0, 8, 7, 9)
+    for tensor, grad in zip(problem.tensors(), outputs[1:], strict=True):
+        assert grad.shape == tensor.shape
+    assert torch.count_nonzero(outputs[3]) == 0  # weight gradient of an empty batch
+
+
+def test_non_contiguous_inputs():
+    problem = make_problem(batch=3, groups=2, offset_groups=3)
+    expected = forward_and_grads(TV, problem)
+    problem.input = problem.input.to(memory_format=torch.channels_last)
+    problem.offset = problem.offset.transpose(2, 3).contiguous().transpose(2, 3)
+    problem.weight = problem.weight.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
+    problem.mask = torch.cat([problem.mask, problem.mask], dim=3)[..., : problem.mask.shape[3]]
+    assert not problem.input.is_contiguous() and not problem.offset.is_contiguous()
+    assert not problem.weight.is_contiguous() and not problem.mask.is_contiguous()
+    for name, a, e in zip(
+        names_for(problem), forward_and_grads(deform_conv2d, problem), expected, strict=True
+    ):
+        assert_close_scaled(a, e, 1e-10, name)
+
+
+def test_int_arguments_like_torchvision():
+    problem = make_problem(**GEOMETRIES["plain"])
+    ours = deform_conv2d(
+        problem.input, problem.offset, problem.weight, problem.bias, 1, 1, 1, problem.mask
+    )
+    assert_close_scaled(ours, problem.call(TV), 1e-10)
+
+
+def test_gradcheck_and_gradgradcheck():
+    problem = make_problem(
+        batch=1,
+        in_channels=4,
+        out_channels=2,
+        size=(4, 4),
+        kernel=(2, 2),
+        offset_groups=2,
+        groups=2,
+        offset_scale=1.5,
+        **GEOMETRIES["asymmetric"],
+    )
+    tensors = [t.detach().clone().requires_grad_() for t in problem.tensors()]
+
+    def op(*ts):
+        return problem.call(deform_conv2d, list(ts))
+
+    assert torch.autograd.gradcheck(op, tensors)
+    assert torch.autograd.gradgradcheck(op, tensors)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_half_precisions_against_float64(dtype, tol):
+    # Sampling runs in float32; the error left is the input's and the GEMM's rounding.
+    problem = make_problem(dtype=torch.float64, in_channels=8, out_channels=8, offset_groups=2)
+    expected = problem.call(deform_conv2d)
+    low = make_problem(dtype=dtype, in_channels=8, out_channels=8, offset_groups=2)
+    for field in ("input", "offset", "weight", "bias", "mask"):
+        setattr(low, field, getattr(problem, field).to(dtype))
+    out = low.call(deform_conv2d)
+    assert out.dtype == dtype
+    assert_close_scaled(out.double(), expected, tol * problem.weight.shape[1] ** 0.5)
+    tensors = [t.detach().clone().requires_grad_() for t in low.tensors()]
+    low.call(deform_conv2d, tensors).sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == dtype for t in tensors)
+
+
+def test_chunked_columns_equal_single_chunk():
+    problem = make_problem(batch=2, in_channels=12, size=(40, 24), groups=2, offset_groups=3)
+    expected = forward_and_grads(deform_conv2d, problem)
+    previous = get_max_column_bytes()
+    try:
+        set_max_column_bytes(
+            1
+        )  # one output row per chunk at inference, at most 8 chunks with grads
+        with torch.no_grad():
+            chunked = problem.call(deform_conv2d)
+        actual = forward_and_grads(deform_conv2d, problem)
+    finally:
+        set_max_column_bytes(previous)
+    assert_close_scaled(chunked, expected[0], 1e-12, "no_grad output")
+    for name, a, e in zip(names_for(problem), actual, expected, strict=True):
+        assert_close_scaled(a, e, 1e-12, name)
+
+
+def test_set_max_column_bytes_rejects_non_positive():
+    with pytest.raises(ValueError, match="positive"):
+        set_max_column_bytes(0)
+
+
+def test_torchscript_of_functional_op():
+    problem = make_problem()
+    scripted = torch.jit.script(deform_conv2d)
+    assert_close_scaled(problem.call(scripted), problem.call(TV), 1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_matches_torchvision_cuda(dtype):
+    problem = make_problem(
+        dtype=dtype, device="cuda", groups=2, offset_groups=3, **GEOMETRIES["asymmetric"]
+    )
+    _check_against(TV, problem, 1e-10 if dtype == torch.float64 else 1e-5)
+
+
+def test_import_without_torchvision():
+    code = (
+        "import sys; sys.modules['torchvision'] = None\n"
+        "import torch, deformcli\n"
+        "x = torch.randn(1, 2, 5, 5); w = torch.randn(3, 2, 3, 3); off = torch.zeros(1, 18, 3, 3)\n"
+        "print(tuple(deformcli.deform_conv2d(x, off, w).shape))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "(1, 3, 3, 3)"
