@@ -37,11 +37,12 @@ __all__ = [
     "set_max_column_bytes",
 ]
 
-# Upper bound on the bytes of the sampled columns of one chunk of output rows. With a mask
-# the forward pass holds about twice this in temporaries (sampled and modulated columns).
-# 4 MiB keeps one chunk's columns in the last-level cache between sampling, modulation and the
-# GEMM, which makes small chunks faster than one big one on CPU.
-_max_column_bytes: list[int] = [4 * 2**20]
+# Upper bound on the bytes of the sampled columns of one chunk of output rows, for CPU (index 0)
+# and for other devices (index 1). With a mask the forward pass holds about twice this in
+# temporaries. On CPU, 4 MiB keeps one chunk's columns in the last-level cache between
+# sampling, modulation and the GEMM, which makes small chunks faster than one big one; on a GPU
+# each chunk costs kernel launches, so big chunks are faster there.
+_max_column_bytes: list[int] = [4 * 2**20, 512 * 2**20]
 
 # Chunks hold at least this many output positions so the GEMM stays efficient on narrow images.
 _MIN_CHUNK_POSITIONS = 1024
@@ -51,21 +52,30 @@ _MIN_CHUNK_POSITIONS = 1024
 _MAX_CHUNKS_WITH_INPUT_GRAD = 8
 
 
-def set_max_column_bytes(max_bytes: int) -> None:
+def set_max_column_bytes(max_bytes: int, device_type: str = "cpu") -> None:
     """Cap the temporary sampled-column memory of one chunk of output rows.
 
-    Larger caps mean fewer, bigger chunks (slightly faster); smaller caps bound peak memory on
-    large images. At least one output row is processed per chunk whatever the cap.
-    Traced and compiled graphs are not chunked (their shapes may be symbolic).
+    Smaller caps bound peak memory on large images; at least one output row (and 1024 output
+    positions) is processed per chunk whatever the cap. Traced and compiled graphs are not
+    chunked (their shapes may be symbolic).
+
+    Args:
+        max_bytes: the cap in bytes (defaults: 4 MiB on CPU, 512 MiB on other devices).
+        device_type: ``"cpu"`` for the CPU cap, anything else (``"cuda"``, ``"mps"``...) for the
+            cap shared by all other devices.
     """
     if max_bytes <= 0:
         raise ValueError(f"max_bytes must be positive, got {max_bytes}")
-    _max_column_bytes[0] = int(max_bytes)
+    _max_column_bytes[_cap_index(device_type)] = int(max_bytes)
 
 
-def get_max_column_bytes() -> int:
-    """The current cap set by :func:`set_max_column_bytes` (default 4 MiB)."""
-    return _max_column_bytes[0]
+def get_max_column_bytes(device_type: str = "cpu") -> int:
+    """The cap set by :func:`set_max_column_bytes` for ``device_type``."""
+    return _max_column_bytes[_cap_index(device_type)]
+
+
+def _cap_index(device_type: str) -> int:
+    return 0 if device_type == "cpu" else 1
 
 
 def deform_conv2d(
@@ -182,6 +192,7 @@ def _deform_conv2d(
         out_w,
         batch * in_channels * kernel_points * out_w * input.element_size(),
         torch.is_grad_enabled() and image.requires_grad,
+        input.device.type,
     )
     # out[n, group] = weight_matrix[group] @ columns[n, group]: (C_out/groups, positions)
     if rows_per_chunk >= out_h:
@@ -288,11 +299,14 @@ def _next_power_of_two(size: int) -> int:
     return power
 
 
-def _chunk_rows(out_h: int, out_w: int, bytes_per_row: int, input_needs_grad: bool) -> int:
+def _chunk_rows(
+    out_h: int, out_w: int, bytes_per_row: int, input_needs_grad: bool, device_type: str
+) -> int:
     """How many output rows one chunk may hold under the column-memory cap."""
     if torch.jit.is_scripting() or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return out_h
-    rows = max(_max_column_bytes[0] // max(bytes_per_row, 1), -(-_MIN_CHUNK_POSITIONS // out_w))
+    cap = _max_column_bytes[_cap_index(device_type)]
+    rows = max(cap // max(bytes_per_row, 1), -(-_MIN_CHUNK_POSITIONS // out_w))
     if input_needs_grad:
         rows = max(rows, -(-out_h // _MAX_CHUNKS_WITH_INPUT_GRAD))
     return min(out_h, rows)
