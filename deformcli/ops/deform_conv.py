@@ -33,6 +33,7 @@ from deformcli.ops._checks import check_deform_conv2d_arguments
 __all__ = [
     "DeformConv2d",
     "deform_conv2d",
+    "deform_conv2d_mmcv_grad",
     "get_max_column_bytes",
     "set_max_column_bytes",
 ]
@@ -125,6 +126,41 @@ def deform_conv2d(
         (dil_h, dil_w),
         mask,
         False,
+    )
+
+
+def deform_conv2d_mmcv_grad(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    mask: Tensor | None = None,
+) -> Tensor:
+    """:func:`deform_conv2d` with the offset gradient of mmcv's (and the DB detector's) kernels.
+
+    Same arguments, shapes and forward values as :func:`deform_conv2d`, and the same input,
+    mask, weight and bias gradients. The offset gradient differs only where a sampling point
+    lies at or beyond ``y = -1`` or ``x = -1`` (or at or beyond ``H``, ``W``): mmcv's CUDA kernel
+    gives such a point no offset gradient at all, while torchvision's one-sided derivative at
+    exactly ``y == -1`` or ``x == -1`` sees row or column 0 of the image. With zero-initialised
+    offsets (mmcv's ``*Pack`` modules) and padding 1, every border sample sits exactly there.
+    """
+    stride_h, stride_w = _pair(stride)
+    pad_h, pad_w = _pair(padding)
+    dil_h, dil_w = _pair(dilation)
+    return _deform_conv2d(
+        input,
+        offset,
+        weight,
+        bias,
+        (stride_h, stride_w),
+        (pad_h, pad_w),
+        (dil_h, dil_w),
+        mask,
+        True,
     )
 
 

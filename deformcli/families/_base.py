@@ -1,0 +1,96 @@
+"""Shared state and forward of the family modules (weight, optional bias, geometry)."""
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair, _single
+
+from deformcli.ops.deform_conv import deform_conv2d, deform_conv2d_mmcv_grad
+
+
+class DeformableConvBase(nn.Module):
+    """Base of every family module: parameters named like the original, one call into the op.
+
+    Subclasses set ``offset_groups`` (under the family's own attribute name) and choose the
+    offset-gradient convention of the kernel the family trained with.
+    """
+
+    #: True for torchvision's offset-gradient convention, False for mmcv's (see
+    #: :func:`deformcli.ops.deform_conv2d_mmcv_grad`).
+    torchvision_offset_grad: bool = False
+
+    def _init_geometry(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int],
+        padding: int | tuple[int, int],
+        dilation: int | tuple[int, int],
+        groups: int,
+    ) -> None:
+        if in_channels % groups != 0:
+            raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
+        if out_channels % groups != 0:
+            raise ValueError(
+                f"out_channels ({out_channels}) must be divisible by groups ({groups})"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = stride
+        self.padding = padding
+        self.dilation = dilation
+        self.groups = groups
+        # Both originals carry these for compatibility with nn.Conv2d.
+        self.transposed = False
+        self.output_padding = _single(0)
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels // groups, *self.kernel_size)
+        )
+
+    @property
+    def offset_groups(self) -> int:
+        raise NotImplementedError
+
+    def uniform_weight_init(self) -> None:
+        """The originals' init: ``uniform(+-1/sqrt(fan_in))``, fan_in = in_channels * kH * kW."""
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        bound = 1.0 / math.sqrt(fan_in)
+        self.weight.data.uniform_(-bound, bound)
+
+    def deform(self, x: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Run the op with this layer's weight, bias and geometry.
+
+        x ``(N, C_in, H, W)``; offset ``(N, 2 * offset_groups * kH * kW, H_out, W_out)``; mask
+        ``(N, offset_groups * kH * kW, H_out, W_out)`` or None.
+        """
+        kernel_points = self.kernel_size[0] * self.kernel_size[1]
+        expected = 2 * self.offset_groups * kernel_points
+        if offset.dim() == 4 and offset.shape[1] != expected:
+            raise RuntimeError(
+                f"{type(self).__name__} with {self.offset_groups} offset group(s) and kernel "
+                f"{self.kernel_size} expects offset with {expected} channels, got offset shape "
+                f"{list(offset.shape)}"
+            )
+        op = deform_conv2d if self.torchvision_offset_grad else deform_conv2d_mmcv_grad
+        return op(
+            x,
+            offset,
+            self.weight,
+            getattr(self, "bias", None),
+            _pair(self.stride),
+            _pair(self.padding),
+            _pair(self.dilation),
+            mask,
+        )
+
+
+def split_offset_and_mask(offset_and_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The ``*Pack`` modules' convention: ``o1, o2, mask = chunk(3)``; offset ``cat(o1, o2)``.
+
+    Returns ``(offset, sigmoid(mask))``.
+    """
+    o1, o2, mask = offset_and_mask.chunk(3, dim=1)
+    return torch.cat((o1, o2), dim=1), mask.sigmoid()

@@ -1,0 +1,267 @@
+"""mmcv's deformable layers (``mmcv.ops``) with mmcv's names, arguments and gradients.
+
+Checked against mmcv/ops/deform_conv.py and mmcv/ops/modulated_deform_conv.py (mmcv 2.x):
+constructor arguments, attribute names (``deform_groups``, ``im2col_step``, ``transposed``,
+``output_padding``), parameters (``weight``; ``bias`` only on the modulated layers; the
+``*Pack`` layers own ``conv_offset``), initialisation, the ``*Pack`` forward
+(``o1, o2, mask = chunk(3)``, offset ``cat(o1, o2)``, ``sigmoid(mask)``) and the ``*Pack``
+renaming of version-1 checkpoint keys ``<name>_offset.*`` to ``<name>.conv_offset.*``.
+The offset gradient follows mmcv's CUDA kernel (:func:`deformcli.ops.deform_conv2d_mmcv_grad`).
+"""
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from deformcli.families._base import DeformableConvBase, split_offset_and_mask
+from deformcli.ops.deform_conv import deform_conv2d_mmcv_grad
+
+__all__ = [
+    "DeformConv2d",
+    "DeformConv2dPack",
+    "ModulatedDeformConv2d",
+    "ModulatedDeformConv2dPack",
+    "deform_conv2d",
+    "modulated_deform_conv2d",
+]
+
+
+def deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    deform_groups: int = 1,
+    bias: bool = False,
+    im2col_step: int = 32,
+) -> Tensor:
+    """mmcv's functional ``deform_conv2d`` (no bias; ``im2col_step`` accepted and ignored).
+
+    ``groups`` and ``deform_groups`` must agree with the weight's and offset's shapes.
+    """
+    if bias:
+        raise ValueError("mmcv's deform_conv2d has no bias (bias=True is not supported)")
+    _check_groups(input, offset, weight, groups, deform_groups, 2)
+    return deform_conv2d_mmcv_grad(
+        input, offset, weight, None, _pair(stride), _pair(padding), _pair(dilation)
+    )
+
+
+def modulated_deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    deform_groups: int = 1,
+) -> Tensor:
+    """mmcv's functional ``modulated_deform_conv2d`` (note: mask before weight)."""
+    _check_groups(input, offset, weight, groups, deform_groups, 2)
+    return deform_conv2d_mmcv_grad(
+        input, offset, weight, bias, _pair(stride), _pair(padding), _pair(dilation), mask
+    )
+
+
+def _check_groups(
+    input: Tensor, offset: Tensor, weight: Tensor, groups: int, deform_groups: int, per_point: int
+) -> None:
+    if input.dim() == 4 and weight.dim() == 4 and input.shape[1] != weight.shape[1] * groups:
+        raise RuntimeError(
+            f"groups={groups} does not match input channels {input.shape[1]} and weight shape "
+            f"{list(weight.shape)} (expected input channels = weight.shape[1] * groups)"
+        )
+    if offset.dim() == 4 and weight.dim() == 4:
+        expected = per_point * deform_groups * weight.shape[2] * weight.shape[3]
+        if offset.shape[1] != expected:
+            raise RuntimeError(
+                f"deform_groups={deform_groups} expects offset with {expected} channels, got "
+                f"offset shape {list(offset.shape)}"
+            )
+
+
+class _RenamesVersion1OffsetKeys(nn.Module):
+    """mmcv's ``*Pack`` checkpoint upgrade: ``<name>_offset.*`` becomes ``<name>.conv_offset.*``."""
+
+    _version = 2
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        version = local_metadata.get("version", None)
+        if version is None or version < 2:
+            for suffix in ("weight", "bias"):
+                new_key = f"{prefix}conv_offset.{suffix}"
+                old_key = f"{prefix[:-1]}_offset.{suffix}"
+                if new_key not in state_dict and old_key in state_dict:
+                    state_dict[new_key] = state_dict.pop(old_key)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class DeformConv2d(DeformableConvBase):
+    """``mmcv.ops.DeformConv2d``: DCNv1, weight only (``bias=True`` is refused, as in mmcv).
+
+    forward(x ``(N, C_in, H, W)``, offset ``(N, 2 * deform_groups * kH * kW, H_out, W_out)``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        deform_groups: int = 1,
+        bias: bool = False,
+        im2col_step: int = 32,
+        *,
+        deformable_groups: int | None = None,
+    ) -> None:
+        super().__init__()
+        if bias:
+            raise ValueError(f"bias={bias} is not supported in mmcv's DeformConv2d")
+        self._init_geometry(
+            in_channels,
+            out_channels,
+            kernel_size,
+            _pair(stride),
+            _pair(padding),
+            _pair(dilation),
+            groups,
+        )
+        # mmcv renames the deprecated ``deformable_groups`` keyword to ``deform_groups``.
+        self.deform_groups = deformable_groups if deformable_groups is not None else deform_groups
+        self.im2col_step = im2col_step
+        self.reset_parameters()
+
+    @property
+    def offset_groups(self) -> int:
+        return self.deform_groups
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
+
+    def forward(self, x: Tensor, offset: Tensor) -> Tensor:
+        return self.deform(x, offset)
+
+
+class DeformConv2dPack(_RenamesVersion1OffsetKeys, DeformConv2d):
+    """``mmcv.ops.DeformConv2dPack``: predicts its own offset with ``conv_offset``.
+
+    ``conv_offset`` is a zero-initialised ``nn.Conv2d(in_channels, deform_groups * 2 * kH * kW)``
+    with the layer's kernel, stride, padding and dilation. forward(x ``(N, C_in, H, W)``).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.conv_offset = nn.Conv2d(
+            self.in_channels,
+            self.deform_groups * 2 * self.kernel_size[0] * self.kernel_size[1],
+            kernel_size=self.kernel_size,
+            stride=_pair(self.stride),
+            padding=_pair(self.padding),
+            dilation=_pair(self.dilation),
+            bias=True,
+        )
+        self.init_offset()
+
+    def init_offset(self) -> None:
+        self.conv_offset.weight.data.zero_()
+        self.conv_offset.bias.data.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return self.deform(x, self.conv_offset(x))
+
+
+class ModulatedDeformConv2d(DeformableConvBase):
+    """``mmcv.ops.ModulatedDeformConv2d``: DCNv2 with ``weight`` and optional ``bias``.
+
+    forward(x ``(N, C_in, H, W)``, offset ``(N, 2 * deform_groups * kH * kW, H_out, W_out)``,
+    mask ``(N, deform_groups * kH * kW, H_out, W_out)``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        deform_groups: int = 1,
+        bias: bool | str = True,
+        *,
+        deformable_groups: int | None = None,
+    ) -> None:
+        super().__init__()
+        self._init_geometry(
+            in_channels,
+            out_channels,
+            kernel_size,
+            _pair(stride),
+            _pair(padding),
+            _pair(dilation),
+            groups,
+        )
+        self.deform_groups = deformable_groups if deformable_groups is not None else deform_groups
+        # mmcv accepts bias="auto" (truthy): the layer then has a bias.
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            self.register_parameter("bias", None)
+        self.init_weights()
+
+    @property
+    def offset_groups(self) -> int:
+        return self.deform_groups
+
+    def init_weights(self) -> None:
+        self.uniform_weight_init()
+        if self.bias is not None:
+            self.bias.data.zero_()
+
+    def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
+        return self.deform(x, offset, mask)
+
+
+class ModulatedDeformConv2dPack(_RenamesVersion1OffsetKeys, ModulatedDeformConv2d):
+    """``mmcv.ops.ModulatedDeformConv2dPack`` (registered as ``DCNv2`` in mmcv).
+
+    ``conv_offset`` is a zero-initialised ``nn.Conv2d(in_channels, deform_groups * 3 * kH * kW)``;
+    its output is split as ``o1, o2, mask = chunk(3)``, offset ``cat(o1, o2)``, ``sigmoid(mask)``.
+    forward(x ``(N, C_in, H, W)``).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.conv_offset = nn.Conv2d(
+            self.in_channels,
+            self.deform_groups * 3 * self.kernel_size[0] * self.kernel_size[1],
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=True,
+        )
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        if hasattr(self, "conv_offset"):
+            self.conv_offset.weight.data.zero_()
+            self.conv_offset.bias.data.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        offset, mask = split_offset_and_mask(self.conv_offset(x))
+        return self.deform(x, offset, mask)
