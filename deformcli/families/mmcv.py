@@ -5,9 +5,12 @@ constructor arguments, attribute names (``deform_groups``, ``im2col_step``, ``tr
 ``output_padding``), parameters (``weight``; ``bias`` only on the modulated layers; the
 ``*Pack`` layers own ``conv_offset``), initialisation, the ``*Pack`` forward
 (``o1, o2, mask = chunk(3)``, offset ``cat(o1, o2)``, ``sigmoid(mask)``) and the ``*Pack``
-renaming of version-1 checkpoint keys ``<name>_offset.*`` to ``<name>.conv_offset.*``.
+renaming of version-1 checkpoint keys ``<name>_offset.*`` to ``<name>.conv_offset.*`` (here a
+function on the whole state_dict, :func:`rename_version1_offset_keys`; see its docstring).
 The offset gradient follows mmcv's CUDA kernel (:func:`deformcli.ops.deform_conv2d_mmcv_grad`).
 """
+
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +26,7 @@ __all__ = [
     "ModulatedDeformConv2dPack",
     "deform_conv2d",
     "modulated_deform_conv2d",
+    "rename_version1_offset_keys",
 ]
 
 
@@ -86,24 +90,36 @@ def _check_groups(
             )
 
 
-class _RenamesVersion1OffsetKeys(nn.Module):
-    """mmcv's ``*Pack`` checkpoint upgrade: ``<name>_offset.*`` becomes ``<name>.conv_offset.*``."""
+def rename_version1_offset_keys(
+    state_dict: Mapping[str, Tensor],
+) -> tuple[dict[str, Tensor], list[tuple[str, str]]]:
+    """mmcv's upgrade of version-1 ``*Pack`` checkpoints: ``<name>_offset.*`` becomes
+    ``<name>.conv_offset.*`` wherever ``<name>.weight`` (the layer's own weight) exists.
 
-    _version = 2
+    mmcv does this inside ``_load_from_state_dict``, which modern torch hands only the keys under
+    the layer's own prefix, so the sibling key ``<name>_offset.weight`` never reaches it; as a
+    function on the whole state_dict it works with any torch.
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        version = local_metadata.get("version", None)
-        if version is None or version < 2:
-            for suffix in ("weight", "bias"):
-                new_key = f"{prefix}conv_offset.{suffix}"
-                old_key = f"{prefix[:-1]}_offset.{suffix}"
-                if new_key not in state_dict and old_key in state_dict:
-                    state_dict[new_key] = state_dict.pop(old_key)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+    Returns:
+        The renamed state_dict (a new dict; the input is untouched) and the ``(old, new)`` pairs.
+    """
+    renamed: list[tuple[str, str]] = []
+    result: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        new_key = key
+        for suffix in ("_offset.weight", "_offset.bias"):
+            base = key[: -len(suffix)]
+            candidate = f"{base}.conv_offset.{suffix.rsplit('.', 1)[1]}"
+            if (
+                key.endswith(suffix)
+                and f"{base}.weight" in state_dict
+                and candidate not in state_dict
+            ):
+                new_key = candidate
+        if new_key != key:
+            renamed.append((key, new_key))
+        result[new_key] = value
+    return result, renamed
 
 
 class DeformConv2d(DeformableConvBase):
@@ -155,12 +171,14 @@ class DeformConv2d(DeformableConvBase):
         return self.deform(x, offset)
 
 
-class DeformConv2dPack(_RenamesVersion1OffsetKeys, DeformConv2d):
+class DeformConv2dPack(DeformConv2d):
     """``mmcv.ops.DeformConv2dPack``: predicts its own offset with ``conv_offset``.
 
     ``conv_offset`` is a zero-initialised ``nn.Conv2d(in_channels, deform_groups * 2 * kH * kW)``
     with the layer's kernel, stride, padding and dilation. forward(x ``(N, C_in, H, W)``).
     """
+
+    _version = 2
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -235,13 +253,15 @@ class ModulatedDeformConv2d(DeformableConvBase):
         return self.deform(x, offset, mask)
 
 
-class ModulatedDeformConv2dPack(_RenamesVersion1OffsetKeys, ModulatedDeformConv2d):
+class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
     """``mmcv.ops.ModulatedDeformConv2dPack`` (registered as ``DCNv2`` in mmcv).
 
     ``conv_offset`` is a zero-initialised ``nn.Conv2d(in_channels, deform_groups * 3 * kH * kW)``;
     its output is split as ``o1, o2, mask = chunk(3)``, offset ``cat(o1, o2)``, ``sigmoid(mask)``.
     forward(x ``(N, C_in, H, W)``).
     """
+
+    _version = 2
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
