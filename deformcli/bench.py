@@ -32,7 +32,8 @@ IMPLEMENTATIONS = ("deformcli", "torchvision", "dense")
 
 @dataclass
 class LayerTiming:
-    """Median milliseconds of one 3x3, padding-1, modulated layer of ``shape`` (N, C, H, W)."""
+    """Median milliseconds of one 3x3, padding-1, modulated layer of ``shape`` (N, C, H, W), or
+    of the whole example DBNet on an input of ``shape``."""
 
     shape: tuple[int, int, int, int]
     dtype: str
@@ -140,6 +141,22 @@ def torchvision_available() -> bool:
     return True
 
 
+def _interleaved_medians(
+    runs: dict[str, Callable[[], None]], device: str, rounds: int, warmup: int
+) -> dict[str, float]:
+    """Median milliseconds of each run, the runs interleaved round by round."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_index in range(warmup + rounds):
+        for name, run in runs.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            run()
+            _synchronize(device)
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+
+
 def time_layer(
     shape: tuple[int, int, int, int],
     dtype: torch.dtype = torch.float32,
@@ -151,19 +168,53 @@ def time_layer(
     """Median time of deformcli, torchvision and dense conv2d on one layer, interleaved."""
     tensors = make_layer_inputs(shape, dtype, device, requires_grad=backward)
     names = [n for n in IMPLEMENTATIONS if n != "torchvision" or torchvision_available()]
-    runs = {name: layer_callable(name, tensors, backward) for name in names}
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(warmup + rounds):
-        for name in names:
-            _synchronize(device)
-            start = time.perf_counter()
-            runs[name]()
-            _synchronize(device)
-            if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    medians = _interleaved_medians(
+        {name: layer_callable(name, tensors, backward) for name in names}, device, rounds, warmup
+    )
     return LayerTiming(
         shape=shape,
+        dtype=str(dtype).removeprefix("torch."),
+        device=device,
+        backward=backward,
+        rounds=rounds,
+        deformcli_ms=medians["deformcli"],
+        torchvision_ms=medians.get("torchvision"),
+        dense_ms=medians["dense"],
+    )
+
+
+def time_model(
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    backward: bool = False,
+    rounds: int = 5,
+    warmup: int = 1,
+    size: int = 640,
+) -> LayerTiming:
+    """The example DBNet at ``size`` x ``size``: with our layers, torchvision's, and dense
+    convolutions in their place (the speed floor)."""
+    from deformcli.models.dbnet import build_dbnet
+
+    names = [n for n in IMPLEMENTATIONS if n != "torchvision" or torchvision_available()]
+    image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    image = image.to(device=device, dtype=dtype)
+    runs = {}
+    for name in names:
+        network = build_dbnet(name).to(device=device, dtype=dtype)
+        if backward:
+            network.train()
+
+        def run(network=network) -> None:
+            if backward:
+                network(image).sum().backward()
+            else:
+                with torch.no_grad():
+                    network(image)
+
+        runs[name] = run
+    medians = _interleaved_medians(runs, device, rounds, warmup)
+    return LayerTiming(
+        shape=(1, 3, size, size),
         dtype=str(dtype).removeprefix("torch."),
         device=device,
         backward=backward,

@@ -1,10 +1,35 @@
-"""The deformcli command line (Typer + Rich)."""
+"""The deformcli command line: thin Typer commands over library functions, Rich output.
+
+Exit codes: 0 ok, 1 verification failed, 2 bad input (a one-line message; the traceback only
+with ``--debug``).
+"""
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from deformcli import __version__
+from deformcli.errors import DeformcliError
 
-app = typer.Typer(help="Deformable convolution with no compiled extension.", no_args_is_help=True)
+EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+app = typer.Typer(
+    help="Deformable convolution with no compiled extension: take CUDA-trained checkpoints to "
+    "any device.\n\nExit codes: 0 ok, 1 verification failed, 2 bad input.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+error_console = Console(stderr=True)
+_state = {"debug": False}
 
 
 def _version_callback(value: bool) -> None:
@@ -18,9 +43,451 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version_callback, is_eager=True, help="Show the version."
     ),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     """deformcli: run models with deformable convolution anywhere torch runs."""
+    _state["debug"] = debug
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Bad input becomes one red line and exit code 2 (full traceback with --debug)."""
+    try:
+        yield
+    except DeformcliError as error:
+        if _state["debug"]:
+            raise
+        error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+@contextlib.contextmanager
+def _steps(enabled: bool) -> Iterator:
+    """A spinner naming the current step; silent with --json."""
+    if not enabled:
+        yield lambda _message: None
+        return
+    with console.status("starting") as status:
+        yield lambda message: status.update(f"{message}...")
+
+
+def _print_json(payload: object) -> None:
+    typer.echo(json.dumps(payload, indent=2, default=str))
+
+
+def _parse_shape(text: str, option: str, dims: int | None = None) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise DeformcliError(f"{option} {text!r}: expected integers like 1,3,640,640") from None
+    if (dims is not None and len(shape) != dims) or any(size <= 0 for size in shape):
+        raise DeformcliError(
+            f"{option} {text!r}: expected {dims or 'some'} positive integers like 1,3,640,640"
+        )
+    return shape
+
+
+# ---------------------------------------------------------------------------------- inspect
+
+
+@app.command()
+def inspect(
+    checkpoint: Path = typer.Argument(..., help="A .pth/.pt/.ckpt/.bin or .safetensors file."),
+    trust_pickle: bool = typer.Option(
+        False,
+        "--trust-pickle",
+        help="Allow unpickling arbitrary objects (runs code from the file).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List the deformable layers in a checkpoint, without executing pickled code.
+
+    Example: deformcli inspect model_final.pth
+    """
+    from deformcli.checkpoint import find_deformable_layers, load_checkpoint
+
+    with _user_errors():
+        loaded = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
+    layers = find_deformable_layers(loaded.state_dict, loaded.saved_devices)
+    total_bytes = sum(t.numel() * t.element_size() for t in loaded.state_dict.values())
+    summary = {
+        "path": str(loaded.path),
+        "format": loaded.format,
+        "sha256": loaded.sha256,
+        "tensors": len(loaded.state_dict),
+        "parameters": sum(t.numel() for t in loaded.state_dict.values()),
+        "bytes": total_bytes,
+        "saved_on": sorted(set(loaded.saved_devices.values())) or ["cpu"],
+        "notes": loaded.notes,
+        "deformable_layers": [layer.to_dict() for layer in layers],
+    }
+    if as_json:
+        _print_json(summary)
+        return
+    console.print(
+        f"[bold]{loaded.path}[/] ({loaded.format}, {summary['tensors']} tensors, "
+        f"{summary['parameters']:,} values, {total_bytes / 2**20:.1f} MiB, saved on "
+        f"{', '.join(summary['saved_on'])})",
+        highlight=False,
+    )
+    for note in loaded.notes:
+        console.print(f"  - {note}", highlight=False)
+    if not layers:
+        console.print("No deformable layers recognised from the tensors alone.")
+        return
+    table = Table(title=f"{len(layers)} deformable layer(s)")
+    table.add_column("name", overflow="fold")
+    for column in ("family", "kind", "weight shape", "offset groups", "dtype", "saved on"):
+        table.add_column(column)
+    for layer in layers:
+        table.add_row(
+            layer.name,
+            layer.family,
+            layer.kind,
+            str(layer.weight_shape),
+            str(layer.offset_groups),
+            layer.dtype,
+            layer.saved_on,
+        )
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------------- convert
+
+
+@app.command()
+def convert(
+    checkpoint: Path = typer.Argument(..., help="The CUDA-trained checkpoint."),
+    output: Path | None = typer.Option(
+        None, "-o", "--output", help="Output .safetensors (default: <name>.deformcli.safetensors)."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="Model factory 'package.module:function' to build and verify."
+    ),
+    model_kwargs: str | None = typer.Option(None, "--model-kwargs", help="JSON keyword arguments."),
+    input_shape: str = typer.Option("1,3,640,640", "--input-shape", help="Sample input N,C,H,W."),
+    input_file: Path | None = typer.Option(
+        None, "--input", help="A saved tensor to verify on instead of a random sample."
+    ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="Cast weights to float32/float16/bfloat16/float64."
+    ),
+    trust_pickle: bool = typer.Option(
+        False,
+        "--trust-pickle",
+        help="Allow unpickling arbitrary objects (runs code from the file).",
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Overwrite the output; write it even if verification fails."
+    ),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip numerical verification."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Convert a checkpoint into a verified, CPU-ready .safetensors file.
+
+    Example: deformcli convert dbnet.pth --model mypkg.model:build --input-shape 1,3,640,640
+    """
+    from deformcli.convert import convert as run_convert
+
+    with _user_errors(), _steps(not as_json) as step:
+        result = run_convert(
+            checkpoint,
+            output,
+            model=model,
+            model_kwargs=model_kwargs,
+            input_shape=_parse_shape(input_shape, "--input-shape"),
+            input_path=input_file,
+            dtype=dtype,
+            trust_pickle=trust_pickle,
+            force=force,
+            verify=not no_verify,
+            step=step,
+        )
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        _print_conversion(result)
+    if not result.verified:
+        raise typer.Exit(EXIT_VERIFICATION_FAILED)
+
+
+def _print_conversion(result) -> None:
+    for note in result.notes:
+        console.print(f"  - {note}", highlight=False)
+    swapped = [r for r in result.swapped if r.swapped]
+    for record in result.swapped:
+        if not record.swapped:
+            console.print(f"  [yellow]skipped[/] {record.path}: {record.skipped_reason}")
+    if swapped:
+        console.print(
+            f"Swapped {len(swapped)} layer(s): {swapped[0].source} -> {swapped[0].target}"
+            + (" ..." if len(swapped) > 1 else ""),
+            highlight=False,
+        )
+    elif result.layers:
+        console.print(f"{len(result.layers)} deformable layer(s) found in the tensors.")
+    verification = result.verification
+    if verification is not None:
+        table = Table(title="verification (deformcli vs torchvision's kernel)")
+        for column in ("layer", "max abs error", "max rel error"):
+            table.add_column(column)
+        for layer in verification.layers:
+            table.add_row(layer.path, f"{layer.max_abs:.3e}", f"{layer.max_rel:.3e}")
+        if verification.input_shape[1] != 0:
+            table.add_row(
+                "[bold]end to end[/]", f"{verification.max_abs:.3e}", f"{verification.max_rel:.3e}"
+            )
+        console.print(table)
+        verdict = "[green]passed[/]" if verification.passed else "[bold red]FAILED[/]"
+        console.print(f"Verification {verdict} (tolerance {verification.tolerance:g} relative).")
+    else:
+        console.print("Verification skipped.")
+    if result.output is not None:
+        console.print(f"Wrote [bold]{result.output}[/]", highlight=False)
+    else:
+        console.print("Nothing written (verification failed; --force writes anyway).")
+
+
+# ----------------------------------------------------------------------------------- verify
+
+
+@app.command()
+def verify(
+    path: Path | None = typer.Argument(
+        None, help="A converted file to check against its model (needs --model)."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="Model factory 'package.module:function'."
+    ),
+    model_kwargs: str | None = typer.Option(None, "--model-kwargs", help="JSON keyword arguments."),
+    input_shape: str = typer.Option("1,3,640,640", "--input-shape", help="Sample input N,C,H,W."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Prove equivalence: with no argument, our op against torchvision's on this machine.
+
+    Example: deformcli verify            (conformance suite, CPU and CUDA when present)
+    Example: deformcli verify dbnet.deformcli.safetensors --model mypkg.model:build
+    """
+    from deformcli.verify import conformance_case_count, run_conformance
+
+    if path is None:
+        with _progress(not as_json, "conformance", conformance_case_count()) as advance:
+            cases = run_conformance(progress=advance)
+        passed = all(case.passed for case in cases)
+        if as_json:
+            _print_json({"passed": passed, "cases": [case.to_dict() for case in cases]})
+        else:
+            table = Table(title="deformcli vs torchvision.ops.deform_conv2d (error / output scale)")
+            for column in ("configuration", "device", "dtype", "forward", "all gradients", "ok"):
+                table.add_column(column)
+            for case in cases:
+                table.add_row(
+                    case.name,
+                    case.device,
+                    case.dtype,
+                    f"{case.forward_error:.1e}",
+                    f"{case.backward_error:.1e}",
+                    "yes" if case.passed else "[red]NO[/]",
+                )
+            console.print(table)
+            console.print("[green]all passed[/]" if passed else "[bold red]FAILED[/]")
+        raise typer.Exit(EXIT_OK if passed else EXIT_VERIFICATION_FAILED)
+
+    with _user_errors():
+        if model is None:
+            raise DeformcliError("verify PATH needs --model to build the network to check")
+        from deformcli.checkpoint import load_checkpoint
+        from deformcli.convert import _sample_input, build_model, fit_state_dict
+        from deformcli.surgery import swap
+        from deformcli.verify import compare_models, reference_model
+
+        network = build_model(model, model_kwargs)
+        fit_state_dict(network, load_checkpoint(path).state_dict)
+        network.eval()
+        reference = reference_model(network)
+        records = swap(network)
+        paths = [r.path for r in records if r.swapped]
+        comparison = compare_models(
+            reference,
+            network,
+            _sample_input(
+                _parse_shape(input_shape, "--input-shape"), None, next(network.parameters()).dtype
+            ),
+            paths,
+        )
+    if as_json:
+        _print_json(comparison.to_dict())
+    else:
+        console.print(
+            f"max abs error {comparison.max_abs:.3e}, max rel error {comparison.max_rel:.3e}: "
+            + ("[green]passed[/]" if comparison.passed else "[bold red]FAILED[/]")
+        )
+    raise typer.Exit(EXIT_OK if comparison.passed else EXIT_VERIFICATION_FAILED)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, label: str, total: int) -> Iterator:
+    if not enabled:
+        yield lambda: None
+        return
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda: progress.advance(task)
+
+
+# ------------------------------------------------------------------------------------ bench
+
+
+@app.command()
+def bench(
+    preset: str = typer.Option(
+        "dbnet-layers", "--preset", help="dbnet-layers (four DBNet layers) or dbnet (whole model)."
+    ),
+    shape: str | None = typer.Option(
+        None, "--shape", help="One layer N,C,H,W instead of a preset."
+    ),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps..."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16, bfloat16, float64."),
+    backward: bool = typer.Option(False, "--backward", help="Time forward + backward."),
+    rounds: int = typer.Option(7, "--rounds", min=1, help="Timed rounds (median reported)."),
+    memory: bool = typer.Option(False, "--memory", help="Also measure peak memory (CPU, slower)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Time deformcli against torchvision's kernel and dense conv2d (medians, same run).
+
+    Example: deformcli bench --preset dbnet-layers --backward
+    """
+    import torch
+
+    from deformcli import bench as benchmarks
+
+    with _user_errors():
+        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+            raise DeformcliError(f"--dtype {dtype!r}: choose float32, float16, bfloat16, float64")
+        torch_dtype = getattr(torch, dtype)
+        if shape is not None:
+            shapes = [_parse_shape(shape, "--shape", dims=4)]
+        elif preset == "dbnet-layers":
+            shapes = benchmarks.DBNET_LAYER_SHAPES
+        elif preset == "dbnet":
+            shapes = []
+        else:
+            raise DeformcliError(f"--preset {preset!r}: choose dbnet-layers or dbnet")
+        rows = []
+        with _progress(not as_json, "bench", max(len(shapes), 1)) as advance:
+            if shapes:
+                for layer_shape in shapes:
+                    timing = benchmarks.time_layer(
+                        layer_shape, torch_dtype, device, backward=backward, rounds=rounds
+                    )
+                    row = timing.to_dict()
+                    if memory and device == "cpu":
+                        row["peak_mib"] = {
+                            name: benchmarks.peak_memory_mib(name, layer_shape, dtype)
+                            for name in benchmarks.IMPLEMENTATIONS
+                        }
+                    rows.append(row)
+                    advance()
+            else:
+                rows.append(
+                    benchmarks.time_model(
+                        torch_dtype, device, backward=backward, rounds=rounds
+                    ).to_dict()
+                )
+                advance()
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(
+        title=f"median ms over {rounds} rounds, {device}, {dtype}, "
+        f"{'forward+backward' if backward else 'forward'}"
+    )
+    for column in (
+        "shape",
+        "deformcli",
+        "torchvision",
+        "dense conv2d",
+        "vs torchvision",
+        "x dense",
+    ):
+        table.add_column(column, justify="right")
+    if memory:
+        table.add_column("peak MiB (ours / tv / dense)", justify="right")
+    for row in rows:
+        speedup = row["speedup_vs_torchvision"]
+        cells = [
+            str(tuple(row["shape"])),
+            f"{row['deformcli_ms']:.1f}",
+            "n/a" if row["torchvision_ms"] is None else f"{row['torchvision_ms']:.1f}",
+            f"{row['dense_ms']:.1f}",
+            "n/a" if speedup is None else f"{speedup:.2f}x",
+            f"{row['ratio_to_dense']:.2f}",
+        ]
+        if memory:
+            peaks = row.get("peak_mib") or {}
+            cells.append(
+                " / ".join(
+                    "n/a" if peaks.get(n) is None else f"{peaks[n]:.0f}"
+                    for n in benchmarks.IMPLEMENTATIONS
+                )
+            )
+        table.add_row(*cells)
+    console.print(table)
+
+
+# ------------------------------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("deformcli-demo"), "--out-dir", help="Where files go."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """The whole job on the bundled example DBNet: save it as a GPU training script would,
+    convert, verify, benchmark briefly.
+
+    Example: deformcli demo --out-dir /tmp/deformcli-demo
+    """
+    from deformcli.demo import run_demo
+
+    with _user_errors(), _steps(not as_json) as step:
+        report = run_demo(out_dir, step=step)
+    if as_json:
+        _print_json(report)
+    else:
+        console.print(
+            f"1. Saved a CUDA-style DBNet checkpoint: [bold]{report['checkpoint']}[/]",
+            highlight=False,
+        )
+        console.print(f"   ({report['layers_found']} deformable layers found in its tensors)")
+        verification = report["conversion"]["verification"]
+        console.print(
+            f"2. Converted to [bold]{report['conversion']['output']}[/]: "
+            f"{len(report['conversion']['swapped'])} layers swapped, end-to-end max rel error "
+            f"{verification['max_rel']:.2e} ({'passed' if verification['passed'] else 'FAILED'})",
+            highlight=False,
+        )
+        timing = report["bench"]
+        console.print(
+            f"3. Whole model forward, {timing['shape']}: "
+            f"deformcli {timing['deformcli_ms']:.0f} ms, "
+            f"torchvision {timing['torchvision_ms']:.0f} ms, "
+            f"dense conv {timing['dense_ms']:.0f} ms (median of {timing['rounds']})",
+            highlight=False,
+        )
+        console.print(
+            "Next: deformcli inspect / convert your own checkpoint, with "
+            f"--model deformcli.models.dbnet:build_dbnet as a pattern. Files are in {out_dir}/",
+            highlight=False,
+        )
+    if not report["conversion"]["verification"]["passed"]:
+        raise typer.Exit(EXIT_VERIFICATION_FAILED)
 
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""Checkpoint I/O: safe loading, container unwrapping, layer detection, atomic safetensors.
+
+Knows nothing of the command line: every problem with the user's input raises
+:class:`CheckpointError` with one sentence naming the file, key or shape at fault.
+"""
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from deformcli.errors import CheckpointError
+
+__all__ = [
+    "CONTAINER_KEYS",
+    "DeformableLayerInfo",
+    "LoadedCheckpoint",
+    "find_deformable_layers",
+    "load_checkpoint",
+    "save_safetensors",
+    "sha256_of",
+]
+
+#: Keys under which training scripts nest the weights, tried in this order.
+CONTAINER_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "net",
+    "network",
+    "params",
+    "module",
+    "ema",
+    "state_dict_ema",
+    "model_ema",
+    "params_ema",
+)
+
+TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".pkl", ".tar")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint reduced to a flat ``name -> tensor`` state_dict, and how it got there."""
+
+    path: Path
+    format: str
+    state_dict: dict[str, Tensor]
+    sha256: str
+    notes: list[str] = field(default_factory=list)
+    #: The pickled model object, when the file held one (only loaded with trust_pickle).
+    module: nn.Module | None = None
+    #: Where each tensor was saved ("cuda:0", "cpu"...), as recorded in the file.
+    saved_devices: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class DeformableLayerInfo:
+    """A deformable layer found in a state_dict (by its tensors) or in a model (by its class)."""
+
+    name: str
+    family: str
+    kind: str  # "DCNv1", "DCNv2" or "DCNv1/DCNv2" when the offset conv's width fits both
+    weight_shape: list[int]
+    offset_groups: int
+    offset_conv: str | None
+    dtype: str
+    saved_on: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> LoadedCheckpoint:
+    """Load ``.pth/.pt/.ckpt/.bin`` (torch zip or legacy) or ``.safetensors`` onto the CPU.
+
+    Safe by default: torch files load with ``weights_only=True``, which executes no pickled
+    code. A file that holds whole pickled objects (a model) needs ``trust_pickle=True``.
+    Containers (``state_dict``, ``model``, ``ema``...) are unwrapped and a ``module.`` prefix
+    from DataParallel/DDP is stripped; ``notes`` says what was done.
+    """
+    path = Path(path)
+    _check_readable(path)
+    sha256 = sha256_of(path)
+    locations: dict[int, str] = {}
+    if path.suffix == ".safetensors":
+        obj = _load_safetensors(path)
+        file_format = "safetensors"
+    else:
+        obj, locations, file_format = _load_torch(path, trust_pickle)
+
+    notes: list[str] = []
+    module = None
+    if isinstance(obj, nn.Module):
+        module = obj
+        obj = module.state_dict()
+        notes.append(f"took the state_dict of the pickled {type(module).__name__} model")
+    state_dict = _unwrap(obj, path, notes)
+    state_dict = _strip_common_prefix(state_dict, "module.", notes)
+    return LoadedCheckpoint(
+        path=path,
+        format=file_format,
+        state_dict=state_dict,
+        sha256=sha256,
+        notes=notes,
+        module=module,
+        saved_devices={
+            key: locations.get(tensor.untyped_storage().data_ptr(), "cpu")
+            for key, tensor in state_dict.items()
+        },
+    )
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: file is empty (0 bytes)")
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({error})") from None
+
+
+def _load_torch(path: Path, trust_pickle: bool) -> tuple[object, dict[int, str], str]:
+    """The unpickled object, the location each storage was saved on (by data pointer once
+    loaded on the CPU), and the file format."""
+    file_format = "torch zip" if zipfile.is_zipfile(path) else "torch legacy"
+    if file_format == "torch zip":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            raise CheckpointError(
+                f"{path}: the zip archive is truncated or corrupt ({error})"
+            ) from None
+    locations: dict[int, str] = {}
+
+    def record_location(storage, location: str):
+        locations[storage.data_ptr()] = location
+        return storage
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickle-protocol chatter; errors are reported below
+            obj = torch.load(path, map_location=record_location, weights_only=not trust_pickle)
+    except pickle.UnpicklingError as error:
+        message = str(error)
+        if "Weights only load failed" in message:
+            after = message.partition("WeightsUnpickler error:")[2]
+            detail = next((line.strip() for line in after.splitlines() if line.strip()), "")
+            raise CheckpointError(
+                f"{path}: holds pickled Python objects (for example a whole model) that a safe "
+                f"weights-only load refuses{': ' + detail if detail else ''}. If you trust this "
+                "file, pass --trust-pickle: unpickling can run arbitrary code from the file."
+            ) from None
+        raise CheckpointError(
+            f"{path}: not a torch checkpoint or safetensors file ({message})"
+        ) from None
+    except Exception as error:
+        # Random bytes and truncated files fail anywhere inside the unpickler.
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(
+            f"{path}: could not be read as a torch checkpoint ({first_line})"
+        ) from None
+    return obj, locations, file_format
+
+
+def _is_state_dict(obj: object) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+    )
+
+
+def _unwrap(obj: object, path: Path, notes: list[str]) -> dict[str, Tensor]:
+    trail = []
+    while not _is_state_dict(obj):
+        if isinstance(obj, nn.Module):
+            obj = obj.state_dict()
+            notes.append(f"took the state_dict of the pickled model under {'.'.join(trail)!r}")
+            continue
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(
+                f"{path}: expected a state_dict (a mapping of names to tensors), found "
+                f"{type(obj).__name__}{' under ' + repr('.'.join(trail)) if trail else ''}"
+            )
+        key = next((k for k in CONTAINER_KEYS if k in obj), None)
+        if key is None:
+            layout = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in list(obj.items())[:12])
+            raise CheckpointError(
+                f"{path}: unknown checkpoint layout: no state_dict found and none of the usual "
+                f"container keys ({', '.join(CONTAINER_KEYS)}); top-level entries: {{{layout}}}"
+            )
+        others = [k for k in CONTAINER_KEYS if k in obj and k != key]
+        obj = obj[key]
+        trail.append(key)
+        note = f"unwrapped the weights under {'.'.join(trail)!r}"
+        if others:
+            note += f" (also present: {', '.join(others)})"
+        notes.append(note)
+    return dict(obj)
+
+
+def _strip_common_prefix(
+    state_dict: dict[str, Tensor], prefix: str, notes: list[str]
+) -> dict[str, Tensor]:
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        notes.append(f"stripped the {prefix!r} prefix (DataParallel/DDP) from every key")
+        return {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def find_deformable_layers(
+    state_dict: Mapping[str, Tensor], saved_devices: Mapping[str, str] | None = None
+) -> list[DeformableLayerInfo]:
+    """Deformable layers recognisable from tensors alone.
+
+    A 4-D ``<name>.weight`` is a deformable layer when an offset conv sits beside it with
+    ``2 * g * kH * kW`` (DCNv1) or ``3 * g * kH * kW`` (DCNv2) output channels and the same
+    kernel size: ``<name>.conv_offset`` (mmcv/BasicSR ``*Pack``), ``<name>_offset`` (the DB
+    detector's ``conv2_offset`` beside ``conv2``; also mmcv's version-1 key) or
+    ``<name>.conv_offset_mask`` (mmdetection v1.0).
+    """
+    saved_devices = saved_devices or {}
+    layers = []
+    for key, weight in state_dict.items():
+        if not key.endswith(".weight") or weight.dim() != 4:
+            continue
+        name = key[: -len(".weight")]
+        kernel_points = weight.shape[2] * weight.shape[3]
+        for offset_name, family in (
+            (f"{name}.conv_offset", "mmcv/BasicSR Pack (conv_offset)"),
+            (f"{name}_offset", "DB-style (<name>_offset)"),
+            (f"{name}.conv_offset_mask", "mmdet v1 (conv_offset_mask)"),
+        ):
+            offset_weight = state_dict.get(f"{offset_name}.weight")
+            if offset_weight is None or offset_weight.dim() != 4:
+                continue
+            channels = offset_weight.shape[0]
+            v1 = channels % (2 * kernel_points) == 0
+            v2 = channels % (3 * kernel_points) == 0
+            if offset_weight.shape[2:] != weight.shape[2:] or not (v1 or v2):
+                continue
+            kind = "DCNv1/DCNv2" if v1 and v2 else ("DCNv1" if v1 else "DCNv2")
+            groups = channels // ((2 if v1 and not v2 else 3) * kernel_points)
+            layers.append(
+                DeformableLayerInfo(
+                    name=name,
+                    family=family,
+                    kind=kind,
+                    weight_shape=list(weight.shape),
+                    offset_groups=groups,
+                    offset_conv=offset_name,
+                    dtype=str(weight.dtype).removeprefix("torch."),
+                    saved_on=saved_devices.get(key, "cpu"),
+                )
+            )
+            break
+    return layers
+
+
+def save_safetensors(
+    state_dict: Mapping[str, Tensor],
+    output: str | os.PathLike,
+    metadata: Mapping[str, object],
+    force: bool = False,
+    protect: tuple[Path, ...] = (),
+) -> Path:
+    """Write ``state_dict`` as safetensors, atomically (temp file and rename).
+
+    Tensors are moved to CPU and made contiguous; tensors that share storage are written as
+    separate copies (safetensors has no aliasing). ``metadata`` values that are not strings are
+    stored as JSON. Refuses to overwrite an existing file unless ``force``, and never writes
+    over a path in ``protect`` (the input checkpoint).
+    """
+    from safetensors.torch import save_file
+
+    output = Path(output)
+    for protected in protect:
+        if output.resolve() == Path(protected).resolve():
+            raise CheckpointError(f"{output}: refusing to overwrite the input checkpoint")
+    if output.exists() and not force:
+        raise CheckpointError(f"{output}: already exists; pass --force to overwrite it")
+    if output.is_dir():
+        raise CheckpointError(f"{output}: is a directory")
+    if not output.parent.exists():
+        raise CheckpointError(f"{output.parent}: output directory does not exist")
+
+    tensors: dict[str, Tensor] = {}
+    seen_storages: set[int] = set()
+    for key, tensor in state_dict.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if tensor.numel() > 0 and storage in seen_storages:
+            tensor = tensor.clone()
+        seen_storages.add(tensor.untyped_storage().data_ptr())
+        tensors[key] = tensor
+    text_metadata = {
+        key: value if isinstance(value, str) else json.dumps(value)
+        for key, value in metadata.items()
+    }
+    descriptor, temporary = tempfile.mkstemp(
+        prefix=f".{output.name}.", suffix=".tmp", dir=output.parent
+    )
+    os.close(descriptor)
+    try:
+        save_file(tensors, temporary, metadata=text_metadata)
+        with open(temporary, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, output)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return output

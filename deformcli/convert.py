@@ -1,0 +1,308 @@
+"""Convert a CUDA-trained checkpoint into a verified, CPU-ready safetensors file.
+
+The pipeline behind ``deformcli convert``: load safely, build the user's model (with the import
+shims active, so model code that imports a compiled DCN extension still imports), load the
+weights strictly, keep the original as the reference, swap every deformable layer for
+deformcli's, verify on sample inputs, and write safetensors atomically with metadata.
+"""
+
+import importlib
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import deformcli
+from deformcli import shims
+from deformcli.checkpoint import (
+    DeformableLayerInfo,
+    find_deformable_layers,
+    load_checkpoint,
+    save_safetensors,
+)
+from deformcli.errors import CheckpointError, ModelError
+from deformcli.families.mmcv import rename_version1_offset_keys
+from deformcli.surgery import SwapRecord, swap
+from deformcli.verify import ModelComparison, check_layer_weights, compare_models, reference_model
+
+__all__ = ["ConversionResult", "build_model", "convert", "default_output_path", "fit_state_dict"]
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+@dataclass
+class ConversionResult:
+    source: Path
+    output: Path | None
+    layers: list[DeformableLayerInfo]
+    swapped: list[SwapRecord]
+    verification: ModelComparison | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def verified(self) -> bool:
+        return self.verification is None or self.verification.passed
+
+    def to_dict(self) -> dict:
+        return {
+            "source": str(self.source),
+            "output": str(self.output) if self.output else None,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "swapped": [vars(record) for record in self.swapped],
+            "verification": self.verification.to_dict() if self.verification else None,
+            "notes": self.notes,
+        }
+
+
+def default_output_path(source: Path) -> Path:
+    return source.with_name(f"{source.stem}.deformcli.safetensors")
+
+
+def build_model(spec: str, kwargs_json: str | None = None) -> nn.Module:
+    """Call ``pkg.module:factory`` (a function or class) with JSON keyword arguments.
+
+    The import runs with deformcli's import shims active, so a model file that imports
+    ``mmcv.ops``, ``assets.ops.dcn`` or ``basicsr.ops.dcn`` imports without the extension.
+    The current directory is importable, as with ``python -m``.
+    """
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ModelError(f"--model {spec!r}: expected 'package.module:factory'")
+    try:
+        kwargs = json.loads(kwargs_json) if kwargs_json else {}
+    except json.JSONDecodeError as error:
+        raise ModelError(f"--model-kwargs is not valid JSON: {error}") from None
+    if not isinstance(kwargs, dict):
+        raise ModelError(f"--model-kwargs must be a JSON object, got {type(kwargs).__name__}")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        with shims.activated():
+            module = importlib.import_module(module_name)
+    except Exception as error:
+        raise ModelError(
+            f"--model {spec!r}: cannot import {module_name!r}: {type(error).__name__}: {error}"
+        ) from None
+    factory = getattr(module, attribute, None)
+    if factory is None or not callable(factory):
+        raise ModelError(f"--model {spec!r}: {module_name} has no callable {attribute!r}")
+    try:
+        model = factory(**kwargs)
+    except Exception as error:
+        raise ModelError(
+            f"--model {spec!r}: calling {attribute}(**{kwargs}) failed: "
+            f"{type(error).__name__}: {error}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(
+            f"--model {spec!r}: {attribute} returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def fit_state_dict(
+    model: nn.Module, state_dict: dict[str, Tensor]
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Strip the prefixes that stand between checkpoint keys and the model's (``module.``, a
+    trainer's ``model.``...), apply mmcv's version-1 key renaming, and load strictly.
+
+    Raises ModelError listing missing and unexpected keys when the weights do not fit.
+    """
+    notes: list[str] = []
+    expected = set(model.state_dict())
+    keys = dict(state_dict)
+    while keys and not (set(keys) & expected):
+        first = next(iter(keys))
+        prefix = first.split(".", 1)[0] + "."
+        if "." not in first or not all(k.startswith(prefix) for k in keys):
+            break
+        keys = {k[len(prefix) :]: v for k, v in keys.items()}
+        notes.append(f"stripped the {prefix!r} prefix to match the model's keys")
+    # DB's own layout also has <name>_offset beside <name>: rename only where the model wants it.
+    upgraded, renamed = rename_version1_offset_keys(keys)
+    if renamed and all(new in expected and old not in expected for old, new in renamed):
+        keys = upgraded
+        notes.append(f"renamed {len(renamed)} mmcv version-1 offset keys (<name>_offset.*)")
+    missing = sorted(expected - set(keys))
+    unexpected = sorted(set(keys) - expected)
+    if missing or unexpected:
+        raise ModelError(
+            "the checkpoint does not fit the model: "
+            + "; ".join(
+                part
+                for part in (
+                    _listing("missing keys", missing),
+                    _listing("unexpected keys", unexpected),
+                )
+                if part
+            )
+        )
+    try:
+        model.load_state_dict(keys, strict=True)
+    except RuntimeError as error:
+        raise ModelError(f"the checkpoint does not fit the model: {error}") from None
+    return keys, notes
+
+
+def _listing(label: str, keys: list[str], limit: int = 8) -> str:
+    if not keys:
+        return ""
+    shown = ", ".join(keys[:limit])
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"{len(keys)} {label} ({shown}{more})"
+
+
+def _sample_input(input_shape: tuple[int, ...], input_path: Path | None, dtype) -> Tensor:
+    if input_path is None:
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn(input_shape, generator=generator).to(dtype)
+    loaded = load_checkpoint_tensor(input_path)
+    return loaded.to(dtype)
+
+
+def load_checkpoint_tensor(path: Path) -> Tensor:
+    """A single tensor saved with ``torch.save`` (or a safetensors file with one tensor)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such input file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = list(load_file(str(path)).values())
+            value = tensors[0] if len(tensors) == 1 else None
+        else:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"{path}: cannot read the input tensor ({error})") from None
+    if not isinstance(value, Tensor):
+        raise CheckpointError(f"{path}: expected one saved tensor, found {type(value).__name__}")
+    return value
+
+
+def convert(
+    source: str | Path,
+    output: str | Path | None = None,
+    *,
+    model: str | None = None,
+    model_kwargs: str | None = None,
+    input_shape: tuple[int, ...] = (1, 3, 640, 640),
+    input_path: str | Path | None = None,
+    dtype: str | None = None,
+    trust_pickle: bool = False,
+    force: bool = False,
+    verify: bool = True,
+    tolerance: float | None = None,
+    step: Callable[[str], None] | None = None,
+) -> ConversionResult:
+    """Convert ``source`` into a CPU-ready safetensors file; see the module docstring.
+
+    Returns the result; ``output`` is None when verification failed and ``force`` is not set
+    (nothing is written then). Bad input raises :class:`deformcli.errors.DeformcliError`.
+    """
+    step = step or (lambda _message: None)
+    source = Path(source)
+    output = Path(output) if output is not None else default_output_path(source)
+    if output.exists() and not force:
+        raise CheckpointError(f"{output}: already exists; pass --force to overwrite it")
+    if dtype is not None and dtype not in DTYPES:
+        raise CheckpointError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    target_dtype = DTYPES[dtype] if dtype else None
+
+    step(f"loading {source.name}")
+    checkpoint = load_checkpoint(source, trust_pickle=trust_pickle)
+    notes = list(checkpoint.notes)
+    layers = find_deformable_layers(checkpoint.state_dict, checkpoint.saved_devices)
+    devices = sorted(set(checkpoint.saved_devices.values()))
+    if devices and devices != ["cpu"]:
+        notes.append(f"tensors were saved on {', '.join(devices)}; loaded on the CPU")
+
+    network = None
+    if model is not None:
+        step(f"building {model}")
+        network = build_model(model, model_kwargs)
+    elif checkpoint.module is not None:
+        network = checkpoint.module
+        notes.append("using the model pickled in the checkpoint")
+
+    swapped: list[SwapRecord] = []
+    verification = None
+    if network is not None:
+        state_dict, fit_notes = fit_state_dict(network, checkpoint.state_dict)
+        notes.extend(fit_notes)
+        network = network.to("cpu", target_dtype or _floating_dtype(network)).eval()
+        reference = reference_model(network) if verify else None
+        step("swapping deformable layers")
+        swapped = swap(network)
+        if not any(r.swapped for r in swapped) and not _has_deformcli_layers(network):
+            notes.append("the model has no deformable layers that deformcli recognises")
+        if verify:
+            step("verifying against torchvision's kernel")
+            sample = _sample_input(
+                input_shape, Path(input_path) if input_path else None, _floating_dtype(network)
+            )
+            paths = [r.path for r in swapped if r.swapped] or _deformcli_layer_paths(network)
+            verification = compare_models(
+                reference, network, sample, paths, tolerance or _tolerance(network)
+            )
+        state_dict = network.state_dict()
+    else:
+        state_dict = checkpoint.state_dict
+        if target_dtype is not None:
+            state_dict = {
+                k: v.to(target_dtype) if v.is_floating_point() else v for k, v in state_dict.items()
+            }
+        if verify and layers:
+            step("checking each deformable layer's weights against torchvision's kernel")
+            verification = check_layer_weights(
+                state_dict, [layer.name for layer in layers], tolerance=tolerance or 1e-4
+            )
+
+    result = ConversionResult(source, None, layers, swapped, verification, notes)
+    if not result.verified and not force:
+        return result
+    step(f"writing {output.name}")
+    metadata = {
+        "format": "pt",
+        "deformcli_version": deformcli.__version__,
+        "torch_version": torch.__version__,
+        "source_file": source.name,
+        "source_sha256": checkpoint.sha256,
+        "deformable_layers": [layer.to_dict() for layer in layers],
+        "swapped_layers": [r.path for r in swapped if r.swapped],
+        "verification": verification.to_dict() if verification else "skipped",
+    }
+    result.output = save_safetensors(state_dict, output, metadata, force=force, protect=(source,))
+    return result
+
+
+def _floating_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _tolerance(model: nn.Module) -> float:
+    return 1e-4 if _floating_dtype(model) in (torch.float32, torch.float64) else 2e-2
+
+
+def _has_deformcli_layers(model: nn.Module) -> bool:
+    return bool(_deformcli_layer_paths(model))
+
+
+def _deformcli_layer_paths(model: nn.Module) -> list[str]:
+    from deformcli.families._base import DeformableConvBase
+    from deformcli.ops.deform_conv import DeformConv2d
+
+    return [
+        path
+        for path, module in model.named_modules()
+        if isinstance(module, (DeformConv2d, DeformableConvBase))
+    ]

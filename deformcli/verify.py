@@ -1,0 +1,323 @@
+"""Numerical verification: the op against torchvision's kernel, and a converted model against
+its original.
+
+``run_conformance`` is ``deformcli verify`` with no argument: forward and backward over a grid
+of configurations on this machine. ``compare_models`` runs a reference and a converted model on
+the same inputs and reports per-layer and end-to-end errors.
+"""
+
+import copy
+import itertools
+import types
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from deformcli.errors import ModelError
+from deformcli.families._base import DeformableConvBase
+from deformcli.ops.deform_conv import DeformConv2d, deform_conv2d
+
+__all__ = [
+    "ConformanceCase",
+    "ModelComparison",
+    "compare_models",
+    "reference_model",
+    "run_conformance",
+]
+
+
+@dataclass
+class ConformanceCase:
+    """Max errors of one configuration, relative to the reference's output scale."""
+
+    name: str
+    device: str
+    dtype: str
+    forward_error: float
+    backward_error: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.forward_error <= self.tolerance and self.backward_error <= self.tolerance
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def _scaled_error(actual: Tensor, expected: Tensor) -> float:
+    if expected.numel() == 0:
+        return 0.0
+    scale = max(1.0, expected.abs().max().item())
+    return (actual.double() - expected.double()).abs().max().item() / scale
+
+
+_CONFIGS = {
+    "3x3 pad 1": dict(
+        kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, og=1
+    ),
+    "3x2 stride 2,1 dilation 2,1": dict(
+        kernel=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=1, og=1
+    ),
+    "groups 2, offset groups 3": dict(
+        kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2, og=3
+    ),
+    "1x1 groups 4": dict(
+        kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=4, og=1
+    ),
+}
+
+
+def run_conformance(
+    devices: list[str] | None = None, progress: Callable[[], None] | None = None
+) -> list[ConformanceCase]:
+    """Our op against ``torchvision.ops.deform_conv2d``: every configuration with and without
+    mask, float64 (tolerance 1e-10) and float32 (1e-5), forward and all five gradients.
+
+    ``devices`` defaults to CPU plus CUDA when available. ``progress`` is called per case.
+    """
+    import torchvision.ops
+
+    if devices is None:
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    cases = []
+    for device, (name, config), with_mask, (dtype, tolerance) in itertools.product(
+        devices, _CONFIGS.items(), (True, False), ((torch.float64, 1e-10), (torch.float32, 1e-5))
+    ):
+        generator = torch.Generator().manual_seed(0)
+        tensors = _random_problem(config, with_mask, generator)
+        tensors = [t.to(device=device, dtype=dtype) if t is not None else None for t in tensors]
+        geometry = (config["stride"], config["padding"], config["dilation"])
+        expected = _forward_backward(torchvision.ops.deform_conv2d, tensors, geometry)
+        actual = _forward_backward(deform_conv2d, tensors, geometry)
+        cases.append(
+            ConformanceCase(
+                name=f"{name}{', mask' if with_mask else ''}",
+                device=device,
+                dtype=str(dtype).removeprefix("torch."),
+                forward_error=_scaled_error(actual[0], expected[0]),
+                backward_error=max(
+                    _scaled_error(a, e) for a, e in zip(actual[1:], expected[1:], strict=True)
+                ),
+                tolerance=tolerance,
+            )
+        )
+        if progress is not None:
+            progress()
+    return cases
+
+
+def conformance_case_count(devices: list[str] | None = None) -> int:
+    if devices is None:
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return len(devices) * len(_CONFIGS) * 2 * 2
+
+
+def _random_problem(config: dict, with_mask: bool, generator: torch.Generator) -> list:
+    batch, channels, out_channels, height, width = 2, 12, 8, 9, 11
+    kernel_h, kernel_w = config["kernel"]
+    (sh, sw), (ph, pw), (dh, dw) = config["stride"], config["padding"], config["dilation"]
+    out_h = (height + 2 * ph - dh * (kernel_h - 1) - 1) // sh + 1
+    out_w = (width + 2 * pw - dw * (kernel_w - 1) - 1) // sw + 1
+    points = config["og"] * kernel_h * kernel_w
+    offset = torch.randn(batch, 2 * points, out_h, out_w, generator=generator, dtype=torch.float64)
+    # Half the offsets integer-valued: exact grid points exercise the one-sided gradients.
+    offset[:, ::2] = (offset[:, ::2] * 2).round()
+    return [
+        torch.randn(batch, channels, height, width, generator=generator, dtype=torch.float64),
+        offset * 2,
+        torch.randn(
+            out_channels,
+            channels // config["groups"],
+            kernel_h,
+            kernel_w,
+            generator=generator,
+            dtype=torch.float64,
+        ),
+        torch.randn(out_channels, generator=generator, dtype=torch.float64),
+        torch.rand(batch, points, out_h, out_w, generator=generator, dtype=torch.float64)
+        if with_mask
+        else None,
+    ]
+
+
+def _forward_backward(op, tensors: list, geometry: tuple) -> list[Tensor]:
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    x, offset, weight, bias, mask = leaves
+    out = op(x, offset, weight, bias, *geometry, mask)
+    upstream = torch.randn(
+        out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, present, upstream.to(out.dtype).to(out.device))
+    return [out.detach(), *grads]
+
+
+# ------------------------------------------------------------------------ model comparison
+
+
+@dataclass
+class LayerError:
+    path: str
+    max_abs: float
+    max_rel: float
+
+
+@dataclass
+class ModelComparison:
+    """Reference vs converted model on the same inputs."""
+
+    input_shape: list[int]
+    max_abs: float
+    max_rel: float
+    tolerance: float
+    layers: list[LayerError] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel <= self.tolerance
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def _torchvision_deform(self, x, offset, mask=None):
+    """DeformableConvBase.deform, on torchvision's compiled kernel (forward values only)."""
+    import torchvision.ops
+    from torch.nn.modules.utils import _pair
+
+    return torchvision.ops.deform_conv2d(
+        x,
+        offset,
+        self.weight,
+        getattr(self, "bias", None),
+        _pair(self.stride),
+        _pair(self.padding),
+        _pair(self.dilation),
+        mask,
+    )
+
+
+def _torchvision_forward(self, input, offset, mask=None):
+    import torchvision.ops
+
+    return torchvision.ops.deform_conv2d(
+        input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
+    )
+
+
+def reference_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose deformcli layers run torchvision's compiled kernel instead.
+
+    Foreign layers (torchvision's own) are kept as they are. This is the reference against which
+    a converted model is verified, whichever family its layers came from: every family's forward
+    is torchvision's forward.
+    """
+    try:
+        import torchvision.ops  # noqa: F401
+    except ImportError:
+        raise ModelError(
+            "verification needs torchvision's kernel as the reference; install torchvision or "
+            "pass --no-verify"
+        ) from None
+    reference = copy.deepcopy(model)
+    for module in reference.modules():
+        if isinstance(module, DeformableConvBase):
+            module.deform = types.MethodType(_torchvision_deform, module)
+        elif isinstance(module, DeformConv2d):
+            module.forward = types.MethodType(_torchvision_forward, module)
+    return reference
+
+
+def _as_tensors(output) -> list[Tensor]:
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [t for value in output.values() for t in _as_tensors(value)]
+    if isinstance(output, (list, tuple)):
+        return [t for value in output for t in _as_tensors(value)]
+    return []
+
+
+def _errors(actual: list[Tensor], expected: list[Tensor]) -> tuple[float, float]:
+    max_abs = max_rel = 0.0
+    for a, e in zip(actual, expected, strict=True):
+        if e.numel() == 0:
+            continue
+        difference = (a.double() - e.double()).abs().max().item()
+        max_abs = max(max_abs, difference)
+        max_rel = max(max_rel, difference / max(e.double().abs().max().item(), 1e-12))
+    return max_abs, max_rel
+
+
+def compare_models(
+    reference: nn.Module,
+    converted: nn.Module,
+    inputs: Tensor,
+    layer_paths: list[str],
+    tolerance: float = 1e-4,
+) -> ModelComparison:
+    """Run both models (eval, no grad) on ``inputs``; errors end to end and at ``layer_paths``.
+
+    Relative errors are max abs error over the reference's max magnitude.
+    """
+    captured: dict[str, dict[str, list[Tensor]]] = {"reference": {}, "converted": {}}
+    handles = []
+    for label, model in (("reference", reference), ("converted", converted)):
+        for path in layer_paths:
+            module = model.get_submodule(path)
+
+            def hook(_module, _inputs, output, label=label, path=path):
+                captured[label][path] = [t.detach() for t in _as_tensors(output)]
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            expected = _as_tensors(reference.eval()(inputs))
+            actual = _as_tensors(converted.eval()(inputs))
+    except RuntimeError as error:
+        raise ModelError(
+            f"the model failed on an input of shape {list(inputs.shape)}: "
+            f"{str(error).splitlines()[0]} (is --input-shape right?)"
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(actual) != len(expected) or not expected:
+        raise ModelError("the model returned no tensors to compare")
+    max_abs, max_rel = _errors(actual, expected)
+    layers = [
+        LayerError(path, *_errors(captured["converted"][path], captured["reference"][path]))
+        for path in layer_paths
+        if path in captured["reference"] and path in captured["converted"]
+    ]
+    return ModelComparison(list(inputs.shape), max_abs, max_rel, tolerance, layers)
+
+
+def check_layer_weights(
+    state_dict: dict[str, Tensor], layer_names: list[str], padding: int = 1, tolerance: float = 1e-4
+) -> ModelComparison:
+    """Without a model: each named layer's weight through our op and torchvision's kernel on a
+    random ``(1, C_in, 16, 16)`` input with random offsets and mask (fixed seed), padding 1."""
+    import torchvision.ops
+
+    generator = torch.Generator().manual_seed(0)
+    layers = []
+    for name in layer_names:
+        weight = state_dict[f"{name}.weight"].detach().to("cpu", torch.float32)
+        bias = state_dict.get(f"{name}.bias")
+        bias = None if bias is None else bias.detach().to("cpu", torch.float32)
+        _, in_channels, kernel_h, kernel_w = weight.shape  # as one conv group
+        x = torch.randn(1, in_channels, 16, 16, generator=generator)
+        out_h, out_w = 16 + 2 * padding - kernel_h + 1, 16 + 2 * padding - kernel_w + 1
+        offset = torch.randn(1, 2 * kernel_h * kernel_w, out_h, out_w, generator=generator) * 2
+        mask = torch.rand(1, kernel_h * kernel_w, out_h, out_w, generator=generator)
+        args = (x, offset, weight, bias, (1, 1), (padding, padding), (1, 1), mask)
+        ours = deform_conv2d(*args)
+        theirs = torchvision.ops.deform_conv2d(*args)
+        layers.append(LayerError(name, *_errors([ours], [theirs])))
+    max_abs = max((layer.max_abs for layer in layers), default=0.0)
+    max_rel = max((layer.max_rel for layer in layers), default=0.0)
+    return ModelComparison([1, 0, 16, 16], max_abs, max_rel, tolerance, layers)
