@@ -174,10 +174,17 @@ def _load_torch(path: Path, trust_pickle: bool) -> tuple[object, dict[int, str],
         if "Weights only load failed" in message:
             after = message.partition("WeightsUnpickler error:")[2]
             detail = next((line.strip() for line in after.splitlines() if line.strip()), "")
+            detail = detail.rstrip(".")
+            if detail.startswith("Unsupported global"):
+                raise CheckpointError(
+                    f"{path}: holds pickled Python objects (for example a whole model) that the "
+                    f"safe weights-only load refuses ({detail}). If you trust this file, pass "
+                    "--trust-pickle: unpickling can run arbitrary code from the file."
+                ) from None
             raise CheckpointError(
-                f"{path}: holds pickled Python objects (for example a whole model) that a safe "
-                f"weights-only load refuses{': ' + detail if detail else ''}. If you trust this "
-                "file, pass --trust-pickle: unpickling can run arbitrary code from the file."
+                f"{path}: is not a plain checkpoint: the safe weights-only loader refused it "
+                f"({detail}). If it holds pickled objects and you trust it, pass --trust-pickle "
+                "(unpickling can run arbitrary code); otherwise it is not a checkpoint at all."
             ) from None
         raise CheckpointError(
             f"{path}: not a torch checkpoint or safetensors file ({message})"
@@ -246,7 +253,8 @@ def find_deformable_layers(
     ``2 * g * kH * kW`` (DCNv1) or ``3 * g * kH * kW`` (DCNv2) output channels and the same
     kernel size: ``<name>.conv_offset`` (mmcv/BasicSR ``*Pack``), ``<name>_offset`` (the DB
     detector's ``conv2_offset`` beside ``conv2``; also mmcv's version-1 key) or
-    ``<name>.conv_offset_mask`` (mmdetection v1.0).
+    ``<name>.conv_offset_mask`` (mmdetection v1.0). When the width fits both (a multiple of
+    ``6 * kH * kW``) the kind is ``"DCNv1/DCNv2"`` and offset groups are counted as for DCNv2.
     """
     saved_devices = saved_devices or {}
     layers = []
