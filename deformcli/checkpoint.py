@@ -264,9 +264,9 @@ def find_deformable_layers(
         name = key[: -len(".weight")]
         kernel_points = weight.shape[2] * weight.shape[3]
         for offset_name, family in (
-            (f"{name}.conv_offset", "mmcv/BasicSR Pack (conv_offset)"),
-            (f"{name}_offset", "DB-style (<name>_offset)"),
-            (f"{name}.conv_offset_mask", "mmdet v1 (conv_offset_mask)"),
+            (f"{name}.conv_offset", "mmcv/BasicSR Pack"),
+            (f"{name}_offset", "DB-style"),
+            (f"{name}.conv_offset_mask", "mmdet v1 Pack"),
         ):
             offset_weight = state_dict.get(f"{offset_name}.weight")
             if offset_weight is None or offset_weight.dim() != 4:

@@ -135,20 +135,25 @@ def inspect(
     if not layers:
         console.print("No deformable layers recognised from the tensors alone.")
         return
-    table = Table(title=f"{len(layers)} deformable layer(s)")
-    table.add_column("name", overflow="fold")
-    for column in ("family", "kind", "weight shape", "offset groups", "dtype", "saved on"):
-        table.add_column(column)
-    for layer in layers:
-        table.add_row(
+    table = Table(title=f"{len(layers)} deformable layer(s)", box=None, pad_edge=False)
+    rows = [
+        (
             layer.name,
             layer.family,
             layer.kind,
-            str(layer.weight_shape),
+            "x".join(map(str, layer.weight_shape)),
             str(layer.offset_groups),
             layer.dtype,
             layer.saved_on,
         )
+        for layer in layers
+    ]
+    headers = ("name", "family", "kind", "weight", "groups", "dtype", "saved on")
+    for index, header in enumerate(headers):
+        width = max(len(header), *(len(row[index]) for row in rows))
+        table.add_column(header, no_wrap=True, min_width=width)
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 
