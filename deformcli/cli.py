@@ -441,6 +441,56 @@ def bench(
     console.print(table)
 
 
+# ----------------------------------------------------------------------------------- export
+
+
+@app.command("export")
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint or a converted .safetensors file."),
+    model: str = typer.Option(..., "--model", help="Model factory 'package.module:function'."),
+    output: Path = typer.Option(Path("model.onnx"), "-o", "--output", help="The .onnx to write."),
+    model_kwargs: str | None = typer.Option(None, "--model-kwargs", help="JSON keyword arguments."),
+    input_shape: str = typer.Option("2,3,640,640", "--input-shape", help="Example input N,C,H,W."),
+    graph: str = typer.Option(
+        "standard", "--graph", help="standard (GridSample, MatMul...) or native (ONNX DeformConv)."
+    ),
+    trust_pickle: bool = typer.Option(
+        False,
+        "--trust-pickle",
+        help="Allow unpickling arbitrary objects (runs code from the file).",
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite the output."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Export to ONNX with dynamic batch, height and width, checked in onnxruntime.
+
+    Example: deformcli export dbnet.pth --model mypkg.model:build -o dbnet.onnx
+    """
+    from deformcli.export import export_checkpoint
+
+    with _user_errors(), _steps(not as_json) as step:
+        step("exporting to ONNX")
+        report = export_checkpoint(
+            checkpoint,
+            output,
+            model,
+            model_kwargs,
+            _parse_shape(input_shape, "--input-shape", dims=4),
+            graph,
+            trust_pickle,
+            force,
+        )
+    if as_json:
+        _print_json(report)
+    else:
+        console.print(
+            f"Wrote [bold]{report['output']}[/] (opset {report['opset']}, {graph} graph, dynamic "
+            f"batch/height/width); onnxruntime vs PyTorch max abs error "
+            f"{report['onnxruntime_max_abs_error']:.2e}",
+            highlight=False,
+        )
+
+
 # ------------------------------------------------------------------------------------- demo
 
 

@@ -207,8 +207,12 @@ def _deform_conv2d(
         y = torch.where(inside, y, y.detach())
         x = torch.where(inside, x, x.detach())
 
-    padded_h = _next_power_of_two(height)
-    padded_w = _next_power_of_two(width)
+    padded_h, padded_w = height, width
+    if not _exporting():
+        # Exact integer sampling points (see the module docstring). Exported graphs keep H, W
+        # symbolic, so they normalise with the true size: values agree to float rounding.
+        padded_h = _next_power_of_two(height)
+        padded_w = _next_power_of_two(width)
     # (N * offset_groups, C_in / offset_groups, padded_h, padded_w)
     image = F.pad(input.to(sample_dtype), (0, padded_w - width, 0, padded_h - height))
     image = image.reshape(batch * offset_groups, in_channels // offset_groups, padded_h, padded_w)
@@ -333,6 +337,13 @@ def _next_power_of_two(size: int) -> int:
     while power < size:
         power *= 2
     return power
+
+
+def _exporting() -> bool:
+    """True under torch.export, ONNX export and jit tracing (graphs with symbolic shapes)."""
+    if torch.jit.is_scripting():
+        return False
+    return torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
 def _chunk_rows(

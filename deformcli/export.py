@@ -1,0 +1,186 @@
+"""ONNX export of models with deformable layers, with dynamic batch, height and width.
+
+Two graphs are on offer:
+
+* ``standard`` (default): deformcli's op is made of standard operators (``GridSample``,
+  ``MatMul``, ``Gather``...), so the graph runs on any ONNX runtime that has opset 20.
+* ``native``: every deformable layer becomes one ONNX ``DeformConv`` node (opset 19), for
+  runtimes that implement it (onnxruntime does, on CPU). Needs torchvision at export time: the
+  layers are traced through torchvision's op, which has a one-to-one ONNX translation.
+
+Requires the ``onnx`` extra (``pip install 'deformcli[onnx]'``).
+"""
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from deformcli.errors import DeformcliError
+
+__all__ = ["ONNX_OPSET", "export_onnx"]
+
+ONNX_OPSET = 20
+GRAPHS = ("standard", "native")
+
+
+def _deform_conv_translation():
+    """onnxscript function for ``torchvision::deform_conv2d`` -> ONNX ``DeformConv``."""
+    from onnxscript import opset20 as op
+
+    def deform_conv(
+        input,
+        weight,
+        offset,
+        mask,
+        bias,
+        stride_h: int,
+        stride_w: int,
+        pad_h: int,
+        pad_w: int,
+        dilation_h: int,
+        dilation_w: int,
+        groups: int,
+        offset_groups: int,
+        use_mask: bool,
+    ):
+        # torchvision passes a zero-size mask when there is none; ONNX's mask is optional.
+        return op.DeformConv(
+            input,
+            weight,
+            offset,
+            bias,
+            mask if use_mask else None,
+            dilations=[dilation_h, dilation_w],
+            group=groups,
+            offset_group=offset_groups,
+            pads=[pad_h, pad_w, pad_h, pad_w],
+            strides=[stride_h, stride_w],
+        )
+
+    return deform_conv
+
+
+def export_onnx(
+    model: nn.Module,
+    example_input: Tensor,
+    output: str | Path,
+    graph: str = "standard",
+    check: bool = True,
+) -> Path:
+    """Export ``model`` (deformcli layers, or foreign ones to be swapped first) to ONNX.
+
+    Batch, height and width are dynamic. The example input's batch should be >= 2 (torch.export
+    treats sizes 0 and 1 as constants). The model is not modified.
+
+    Args:
+        model: a model whose deformable layers are deformcli's (see :func:`deformcli.swap`).
+        example_input: ``(N, C, H, W)`` tensor used for tracing.
+        output: the ``.onnx`` path to write.
+        graph: ``"standard"`` or ``"native"`` (see the module docstring).
+        check: run ``onnx.checker`` on the result.
+    """
+    if graph not in GRAPHS:
+        raise DeformcliError(f"graph {graph!r}: choose from {', '.join(GRAPHS)}")
+    try:
+        import onnx
+    except ImportError:
+        raise DeformcliError(
+            "ONNX export needs the onnx extra: pip install 'deformcli[onnx]'"
+        ) from None
+    output = Path(output)
+    translation = None
+    if graph == "native":
+        import torchvision  # noqa: F401  (registers torch.ops.torchvision.deform_conv2d)
+
+        from deformcli.verify import reference_model
+
+        model = reference_model(model)
+        translation = {torch.ops.torchvision.deform_conv2d.default: _deform_conv_translation()}
+    dynamic = {0: "batch", 2: "height", 3: "width"}
+    model = model.eval()
+    with torch.no_grad():
+        program = torch.onnx.export(
+            model,
+            (example_input,),
+            dynamo=True,
+            opset_version=ONNX_OPSET,
+            dynamic_shapes=(dynamic,),
+            custom_translation_table=translation,
+            verbose=False,
+        )
+    program.save(str(output))
+    if check:
+        onnx.checker.check_model(str(output))
+    return output
+
+
+def onnxruntime_max_error(path: str | Path, model: nn.Module, inputs: list[Tensor]) -> float:
+    """Max abs difference between onnxruntime (CPU) and PyTorch over ``inputs``."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise DeformcliError(
+            "checking the export needs onnxruntime: pip install 'deformcli[onnx]'"
+        ) from None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    worst = 0.0
+    with torch.no_grad():
+        for sample in inputs:
+            expected = model.eval()(sample)
+            (actual,) = session.run(None, {name: sample.numpy()})
+            worst = max(worst, (torch.from_numpy(actual) - expected).abs().max().item())
+    return worst
+
+
+def export_checkpoint(
+    source: str | Path,
+    output: str | Path,
+    model: str,
+    model_kwargs: str | None = None,
+    input_shape: tuple[int, ...] = (2, 3, 640, 640),
+    graph: str = "standard",
+    trust_pickle: bool = False,
+    force: bool = False,
+    tolerance: float = 1e-4,
+) -> dict:
+    """``deformcli export``: checkpoint (or converted safetensors) + model factory -> ONNX,
+    checked in onnxruntime against PyTorch on the example shape and a second, different one."""
+    from deformcli.checkpoint import load_checkpoint
+    from deformcli.convert import build_model, fit_state_dict
+    from deformcli.surgery import swap
+
+    output = Path(output)
+    if output.exists() and not force:
+        raise DeformcliError(f"{output}: already exists; pass --force to overwrite it")
+    if len(input_shape) != 4:
+        raise DeformcliError(f"--input-shape {input_shape}: expected N,C,H,W")
+    network = build_model(model, model_kwargs)
+    fit_state_dict(network, load_checkpoint(source, trust_pickle=trust_pickle).state_dict)
+    swap(network)
+    network = network.to("cpu", torch.float32).eval()
+    batch, channels, height, width = input_shape
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(max(batch, 2), channels, height, width, generator=generator)
+    temporary = output.with_name(f".{output.name}.tmp")
+    try:
+        export_onnx(network, example, temporary, graph=graph)
+        other = torch.randn(1, channels, height + 32, width + 64, generator=generator)
+        error = onnxruntime_max_error(temporary, network, [example, other])
+        if error > tolerance:
+            raise DeformcliError(
+                f"onnxruntime differs from PyTorch by {error:.2e} (> {tolerance:g}); "
+                "nothing written"
+            )
+        temporary.replace(output)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return {
+        "output": str(output),
+        "graph": graph,
+        "opset": ONNX_OPSET,
+        "dynamic_axes": ["batch", "height", "width"],
+        "onnxruntime_max_abs_error": error,
+        "checked_shapes": [list(example.shape), list(other.shape)],
+    }
