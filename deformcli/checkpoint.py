@@ -25,6 +25,7 @@ __all__ = [
     "DeformableLayerInfo",
     "LoadedCheckpoint",
     "find_deformable_layers",
+    "find_deformable_modules",
     "load_checkpoint",
     "save_safetensors",
     "sha256_of",
@@ -291,6 +292,36 @@ def find_deformable_layers(
                 )
             )
             break
+    return layers
+
+
+def find_deformable_modules(model: nn.Module) -> list[DeformableLayerInfo]:
+    """Deformable layers of a whole (pickled) model, recognised by their classes: foreign ones
+    that :func:`deformcli.swap` knows, and deformcli's own."""
+    from deformcli.families._base import DeformableConvBase
+    from deformcli.ops.deform_conv import DeformConv2d
+    from deformcli.surgery import find_replacement
+
+    layers = []
+    for name, module in model.named_modules():
+        ours = isinstance(module, (DeformConv2d, DeformableConvBase))
+        if not ours and find_replacement(module) is None:
+            continue
+        weight = module.weight
+        layers.append(
+            DeformableLayerInfo(
+                name=name,
+                family=f"{type(module).__module__}.{type(module).__qualname__}",
+                kind="DCN",
+                weight_shape=list(weight.shape),
+                offset_groups=int(
+                    getattr(module, "deform_groups", getattr(module, "deformable_groups", 0))
+                ),
+                offset_conv=None,
+                dtype=str(weight.dtype).removeprefix("torch."),
+                saved_on=str(weight.device),
+            )
+        )
     return layers
 
 

@@ -104,11 +104,19 @@ def inspect(
 
     Example: deformcli inspect model_final.pth
     """
-    from deformcli.checkpoint import find_deformable_layers, load_checkpoint
+    from deformcli.checkpoint import (
+        find_deformable_layers,
+        find_deformable_modules,
+        load_checkpoint,
+    )
 
-    with _user_errors():
+    with _user_errors(), _steps(not as_json) as step:
+        step(f"loading {checkpoint.name}")
         loaded = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
     layers = find_deformable_layers(loaded.state_dict, loaded.saved_devices)
+    if loaded.module is not None:
+        # A whole pickled model: its classes say more than its tensors.
+        layers = find_deformable_modules(loaded.module) or layers
     total_bytes = sum(t.numel() * t.element_size() for t in loaded.state_dict.values())
     summary = {
         "path": str(loaded.path),

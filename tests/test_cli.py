@@ -293,3 +293,18 @@ def test_installed_executable(cuda_style_checkpoint):
         "error: /nonexistent/x.pth: no such file"
     )
     assert "Traceback" not in missing.stderr
+
+
+def test_inspect_whole_pickled_model_by_class(tmp_path):
+    import torchvision
+
+    path = tmp_path / "whole.pth"
+    torch.save(torch.nn.Sequential(torchvision.ops.DeformConv2d(4, 4, 3)), path)
+    refused = runner.invoke(app, ["inspect", str(path)])
+    assert refused.exit_code == 2 and "--trust-pickle" in refused.output
+    payload = json.loads(
+        _ok(runner.invoke(app, ["inspect", str(path), "--trust-pickle", "--json"])).output
+    )
+    assert [(layer["name"], layer["family"]) for layer in payload["deformable_layers"]] == [
+        ("0", "torchvision.ops.deform_conv.DeformConv2d")
+    ]

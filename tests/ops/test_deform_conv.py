@@ -255,3 +255,18 @@ def test_import_without_torchvision():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "(1, 3, 3, 3)"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_matches_torchvision(dtype):
+    problem = make_problem(dtype=torch.float32, device="cuda", in_channels=16, out_channels=16)
+    tensors = [t.detach().clone().requires_grad_() for t in problem.tensors()]
+    with torch.autocast("cuda", dtype=dtype):
+        ours = problem.call(deform_conv2d, tensors)
+        theirs = problem.call(TV, [t.detach() for t in tensors])
+    reference = problem.call(TV)  # float32 reference
+    assert_close_scaled(ours.float(), reference, 2e-2 * 16**0.5)
+    assert_close_scaled(theirs.float(), reference, 2e-2 * 16**0.5)
+    ours.float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in tensors)
