@@ -157,6 +157,26 @@ def _interleaved_medians(
     return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
+def _timing(
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    device: str,
+    backward: bool,
+    rounds: int,
+    medians: dict[str, float],
+) -> LayerTiming:
+    return LayerTiming(
+        shape=shape,
+        dtype=str(dtype).removeprefix("torch."),
+        device=device,
+        backward=backward,
+        rounds=rounds,
+        deformcli_ms=medians["deformcli"],
+        torchvision_ms=medians.get("torchvision"),
+        dense_ms=medians["dense"],
+    )
+
+
 def time_layer(
     shape: tuple[int, int, int, int],
     dtype: torch.dtype = torch.float32,
@@ -171,16 +191,7 @@ def time_layer(
     medians = _interleaved_medians(
         {name: layer_callable(name, tensors, backward) for name in names}, device, rounds, warmup
     )
-    return LayerTiming(
-        shape=shape,
-        dtype=str(dtype).removeprefix("torch."),
-        device=device,
-        backward=backward,
-        rounds=rounds,
-        deformcli_ms=medians["deformcli"],
-        torchvision_ms=medians.get("torchvision"),
-        dense_ms=medians["dense"],
-    )
+    return _timing(shape, dtype, device, backward, rounds, medians)
 
 
 def time_model(
@@ -213,16 +224,7 @@ def time_model(
 
         runs[name] = run
     medians = _interleaved_medians(runs, device, rounds, warmup)
-    return LayerTiming(
-        shape=(1, 3, size, size),
-        dtype=str(dtype).removeprefix("torch."),
-        device=device,
-        backward=backward,
-        rounds=rounds,
-        deformcli_ms=medians["deformcli"],
-        torchvision_ms=medians.get("torchvision"),
-        dense_ms=medians["dense"],
-    )
+    return _timing((1, 3, size, size), dtype, device, backward, rounds, medians)
 
 
 def peak_memory_mib(

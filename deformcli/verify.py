@@ -183,23 +183,6 @@ class ModelComparison:
         return {**asdict(self), "passed": self.passed}
 
 
-def _torchvision_deform(self, x, offset, mask=None):
-    """DeformableConvBase.deform, on torchvision's compiled kernel (forward values only)."""
-    import torchvision.ops
-    from torch.nn.modules.utils import _pair
-
-    return torchvision.ops.deform_conv2d(
-        x,
-        offset,
-        self.weight,
-        getattr(self, "bias", None),
-        _pair(self.stride),
-        _pair(self.padding),
-        _pair(self.dilation),
-        mask,
-    )
-
-
 def _torchvision_forward(self, input, offset, mask=None):
     import torchvision.ops
 
@@ -216,7 +199,7 @@ def reference_model(model: nn.Module) -> nn.Module:
     is torchvision's forward.
     """
     try:
-        import torchvision.ops  # noqa: F401
+        import torchvision.ops
     except ImportError:
         raise ModelError(
             "verification needs torchvision's kernel as the reference; install torchvision or "
@@ -225,7 +208,7 @@ def reference_model(model: nn.Module) -> nn.Module:
     reference = copy.deepcopy(model)
     for module in reference.modules():
         if isinstance(module, DeformableConvBase):
-            module.deform = types.MethodType(_torchvision_deform, module)
+            module.kernel_override = torchvision.ops.deform_conv2d
         elif isinstance(module, DeformConv2d):
             module.forward = types.MethodType(_torchvision_forward, module)
     return reference

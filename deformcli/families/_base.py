@@ -1,11 +1,13 @@
 """Shared state and forward of the family modules (weight, optional bias, geometry)."""
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair, _single
 
+from deformcli.ops._checks import check_layer_groups
 from deformcli.ops.deform_conv import deform_conv2d, deform_conv2d_mmcv_grad
 
 
@@ -20,6 +22,10 @@ class DeformableConvBase(nn.Module):
     #: :func:`deformcli.ops.deform_conv2d_mmcv_grad`).
     torchvision_offset_grad: bool = False
 
+    #: Set on an instance to run another kernel with the same signature as
+    #: :func:`deformcli.deform_conv2d` (verification runs torchvision's compiled one).
+    kernel_override: Callable[..., Tensor] | None = None
+
     def _init_geometry(
         self,
         in_channels: int,
@@ -30,12 +36,7 @@ class DeformableConvBase(nn.Module):
         dilation: int | tuple[int, int],
         groups: int,
     ) -> None:
-        if in_channels % groups != 0:
-            raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
-        if out_channels % groups != 0:
-            raise ValueError(
-                f"out_channels ({out_channels}) must be divisible by groups ({groups})"
-            )
+        check_layer_groups(in_channels, out_channels, groups)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)
@@ -53,6 +54,19 @@ class DeformableConvBase(nn.Module):
     @property
     def offset_groups(self) -> int:
         raise NotImplementedError
+
+    def make_offset_conv(self, channels_per_point: int) -> nn.Conv2d:
+        """The ``*Pack`` layers' ``conv_offset``: ``offset_groups * channels_per_point * kH * kW``
+        outputs (2 for DCNv1, 3 for DCNv2), with this layer's kernel, stride, padding, dilation."""
+        return nn.Conv2d(
+            self.in_channels,
+            self.offset_groups * channels_per_point * self.kernel_size[0] * self.kernel_size[1],
+            kernel_size=self.kernel_size,
+            stride=_pair(self.stride),
+            padding=_pair(self.padding),
+            dilation=_pair(self.dilation),
+            bias=True,
+        )
 
     def uniform_weight_init(self) -> None:
         """The originals' init: ``uniform(+-1/sqrt(fan_in))``, fan_in = in_channels * kH * kW."""
@@ -74,7 +88,9 @@ class DeformableConvBase(nn.Module):
                 f"{self.kernel_size} expects offset with {expected} channels, got offset shape "
                 f"{list(offset.shape)}"
             )
-        op = deform_conv2d if self.torchvision_offset_grad else deform_conv2d_mmcv_grad
+        op = self.kernel_override
+        if op is None:
+            op = deform_conv2d if self.torchvision_offset_grad else deform_conv2d_mmcv_grad
         return op(
             x,
             offset,

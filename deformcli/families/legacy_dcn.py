@@ -128,15 +128,7 @@ class DeformConvPack(DeformConv):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.conv_offset = nn.Conv2d(
-            self.in_channels,
-            self.deformable_groups * 2 * self.kernel_size[0] * self.kernel_size[1],
-            kernel_size=self.kernel_size,
-            stride=_pair(self.stride),
-            padding=_pair(self.padding),
-            dilation=_pair(self.dilation),
-            bias=True,
-        )
+        self.conv_offset = self.make_offset_conv(2)
         self.init_offset()
 
     def init_offset(self) -> None:
@@ -201,15 +193,7 @@ class ModulatedDeformConvPack(ModulatedDeformConv):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.conv_offset = nn.Conv2d(
-            self.in_channels,
-            self.deformable_groups * 3 * self.kernel_size[0] * self.kernel_size[1],
-            kernel_size=self.kernel_size,
-            stride=_pair(self.stride),
-            padding=_pair(self.padding),
-            dilation=_pair(self.dilation),
-            bias=True,
-        )
+        self.conv_offset = self.make_offset_conv(3)
         self.init_weights()
 
     def init_weights(self) -> None:

@@ -115,3 +115,11 @@ def _check_tensor_like(name: str, tensor: Tensor, input: Tensor) -> None:
         raise RuntimeError(
             f"{name} is on device {tensor.device} but input is on {input.device}; they must match"
         )
+
+
+def check_layer_groups(in_channels: int, out_channels: int, groups: int) -> None:
+    """A layer constructor's check: channels divisible by conv groups (ValueError otherwise)."""
+    if in_channels % groups != 0:
+        raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
+    if out_channels % groups != 0:
+        raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn import init
 from torch.nn.modules.utils import _pair
 
-from deformcli.ops._checks import check_deform_conv2d_arguments
+from deformcli.ops._checks import check_deform_conv2d_arguments, check_layer_groups
 
 __all__ = [
     "DeformConv2d",
@@ -383,12 +383,7 @@ class DeformConv2d(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        if in_channels % groups != 0:
-            raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
-        if out_channels % groups != 0:
-            raise ValueError(
-                f"out_channels ({out_channels}) must be divisible by groups ({groups})"
-            )
+        check_layer_groups(in_channels, out_channels, groups)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)
