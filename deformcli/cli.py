@@ -309,24 +309,10 @@ def verify(
     with _user_errors():
         if model is None:
             raise DeformcliError("verify PATH needs --model to build the network to check")
-        from deformcli.checkpoint import load_checkpoint
-        from deformcli.convert import _sample_input, build_model, fit_state_dict
-        from deformcli.surgery import swap
-        from deformcli.verify import compare_models, reference_model
+        from deformcli.convert import verify_file
 
-        network = build_model(model, model_kwargs)
-        fit_state_dict(network, load_checkpoint(path).state_dict)
-        network.eval()
-        reference = reference_model(network)
-        records = swap(network)
-        paths = [r.path for r in records if r.swapped]
-        comparison = compare_models(
-            reference,
-            network,
-            _sample_input(
-                _parse_shape(input_shape, "--input-shape"), None, next(network.parameters()).dtype
-            ),
-            paths,
+        comparison = verify_file(
+            path, model, model_kwargs, _parse_shape(input_shape, "--input-shape")
         )
     if as_json:
         _print_json(comparison.to_dict())

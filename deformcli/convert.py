@@ -29,7 +29,15 @@ from deformcli.families.mmcv import rename_version1_offset_keys
 from deformcli.surgery import SwapRecord, swap
 from deformcli.verify import ModelComparison, check_layer_weights, compare_models, reference_model
 
-__all__ = ["ConversionResult", "build_model", "convert", "default_output_path", "fit_state_dict"]
+__all__ = [
+    "ConversionResult",
+    "build_model",
+    "convert",
+    "default_output_path",
+    "fit_state_dict",
+    "swap_and_compare",
+    "verify_file",
+]
 
 DTYPES = {
     "float32": torch.float32,
@@ -83,7 +91,8 @@ def build_model(spec: str, kwargs_json: str | None = None) -> nn.Module:
         raise ModelError(f"--model-kwargs is not valid JSON: {error}") from None
     if not isinstance(kwargs, dict):
         raise ModelError(f"--model-kwargs must be a JSON object, got {type(kwargs).__name__}")
-    if "" not in sys.path and "." not in sys.path:
+    added_cwd = "" not in sys.path and "." not in sys.path
+    if added_cwd:
         sys.path.insert(0, "")
     try:
         with shims.activated():
@@ -92,6 +101,9 @@ def build_model(spec: str, kwargs_json: str | None = None) -> nn.Module:
         raise ModelError(
             f"--model {spec!r}: cannot import {module_name!r}: {type(error).__name__}: {error}"
         ) from None
+    finally:
+        if added_cwd:
+            sys.path.remove("")
     factory = getattr(module, attribute, None)
     if factory is None or not callable(factory):
         raise ModelError(f"--model {spec!r}: {module_name} has no callable {attribute!r}")
@@ -237,23 +249,18 @@ def convert(
     swapped: list[SwapRecord] = []
     verification = None
     if network is not None:
-        state_dict, fit_notes = fit_state_dict(network, checkpoint.state_dict)
+        _, fit_notes = fit_state_dict(network, checkpoint.state_dict)
         notes.extend(fit_notes)
         network = network.to("cpu", target_dtype or _floating_dtype(network)).eval()
-        reference = reference_model(network) if verify else None
-        step("swapping deformable layers")
-        swapped = swap(network)
-        if not any(r.swapped for r in swapped) and not _has_deformcli_layers(network):
-            notes.append("the model has no deformable layers that deformcli recognises")
+        step("swapping deformable layers" + (" and verifying" if verify else ""))
+        sample = None
         if verify:
-            step("verifying against torchvision's kernel")
             sample = _sample_input(
                 input_shape, Path(input_path) if input_path else None, _floating_dtype(network)
             )
-            paths = [r.path for r in swapped if r.swapped] or _deformcli_layer_paths(network)
-            verification = compare_models(
-                reference, network, sample, paths, tolerance or _tolerance(network)
-            )
+        swapped, verification = swap_and_compare(network, sample, tolerance)
+        if not any(r.swapped for r in swapped) and not _deformcli_layer_paths(network):
+            notes.append("the model has no deformable layers that deformcli recognises")
         state_dict = network.state_dict()
     else:
         state_dict = checkpoint.state_dict
@@ -285,16 +292,43 @@ def convert(
     return result
 
 
+def swap_and_compare(
+    network: nn.Module, sample: Tensor | None, tolerance: float | None = None
+) -> tuple[list[SwapRecord], ModelComparison | None]:
+    """Swap ``network``'s deformable layers in place; with a ``sample``, first keep a reference
+    on torchvision's kernel and compare the two on it (per swapped layer and end to end)."""
+    reference = reference_model(network) if sample is not None else None
+    swapped = swap(network)
+    if reference is None:
+        return swapped, None
+    paths = [r.path for r in swapped if r.swapped] or _deformcli_layer_paths(network)
+    comparison = compare_models(reference, network, sample, paths, tolerance or _tolerance(network))
+    return swapped, comparison
+
+
+def verify_file(
+    path: str | Path,
+    model: str,
+    model_kwargs: str | None = None,
+    input_shape: tuple[int, ...] = (1, 3, 640, 640),
+    trust_pickle: bool = False,
+) -> ModelComparison:
+    """``deformcli verify PATH --model``: a converted (or original) file in the user's model,
+    deformcli's layers against torchvision's kernel on a fixed-seed sample."""
+    network = build_model(model, model_kwargs)
+    fit_state_dict(network, load_checkpoint(path, trust_pickle=trust_pickle).state_dict)
+    network = network.to("cpu").eval()
+    sample = _sample_input(input_shape, None, _floating_dtype(network))
+    _, comparison = swap_and_compare(network, sample)
+    return comparison
+
+
 def _floating_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _tolerance(model: nn.Module) -> float:
     return 1e-4 if _floating_dtype(model) in (torch.float32, torch.float64) else 2e-2
-
-
-def _has_deformcli_layers(model: nn.Module) -> bool:
-    return bool(_deformcli_layer_paths(model))
 
 
 def _deformcli_layer_paths(model: nn.Module) -> list[str]:
