@@ -351,6 +351,9 @@ def bench(
     backward: bool = typer.Option(False, "--backward", help="Time forward + backward."),
     rounds: int = typer.Option(7, "--rounds", min=1, help="Timed rounds (median reported)."),
     memory: bool = typer.Option(False, "--memory", help="Also measure peak memory (CPU, slower)."),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Also draw the table as a bar chart (PNG; needs matplotlib)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Time deformcli against torchvision's kernel and dense conv2d (medians, same run).
@@ -395,13 +398,19 @@ def bench(
                     ).to_dict()
                 )
                 advance()
+    title = (
+        f"median ms over {rounds} rounds, {device}, {dtype}, "
+        f"{'forward+backward' if backward else 'forward'}"
+    )
+    if plot is not None:
+        from deformcli.plot import plot_timings
+
+        with _user_errors():
+            plot_timings(rows, plot, f"{_machine(device)}: {title}")
     if as_json:
         _print_json(rows)
         return
-    table = Table(
-        title=f"median ms over {rounds} rounds, {device}, {dtype}, "
-        f"{'forward+backward' if backward else 'forward'}"
-    )
+    table = Table(title=title)
     for column in (
         "shape",
         "deformcli",
@@ -532,6 +541,16 @@ def demo(
         )
     if not report["conversion"]["verification"]["passed"]:
         raise typer.Exit(EXIT_VERIFICATION_FAILED)
+
+
+def _machine(device: str) -> str:
+    import platform
+
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def main() -> None:

@@ -308,3 +308,23 @@ def test_inspect_whole_pickled_model_by_class(tmp_path):
     assert [(layer["name"], layer["family"]) for layer in payload["deformable_layers"]] == [
         ("0", "torchvision.ops.deform_conv.DeformConv2d")
     ]
+
+
+def test_bench_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "chart.png"
+    _ok(runner.invoke(app, ["bench", "--shape", "1,8,16,16", "--rounds", "1", "--plot", str(out)]))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = runner.invoke(
+        app,
+        [
+            "bench",
+            "--shape",
+            "1,8,16,16",
+            "--rounds",
+            "1",
+            "--plot",
+            str(tmp_path / "no" / "c.png"),
+        ],
+    )
+    assert missing.exit_code == 2 and "output directory does not exist" in missing.output
