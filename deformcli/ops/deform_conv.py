@@ -191,9 +191,14 @@ def _deform_conv2d(
     kernel_points = kernel_h * kernel_w
 
     # Sampling runs in at least float32: half-precision coordinates would be off by pixels.
+    # On CPU the float16 GEMM runs in float32 too: CPUs have no fast float16 matrix product (it
+    # is ~40x slower than float32 here), while bfloat16 ones use oneDNN's bf16 kernels.
     sample_dtype = input.dtype
     if sample_dtype == torch.float16 or sample_dtype == torch.bfloat16:
         sample_dtype = torch.float32
+    gemm_dtype = input.dtype
+    if input.device.type == "cpu" and input.dtype == torch.float16:
+        gemm_dtype = torch.float32
 
     # Sampling coordinates, each (N, offset_groups, K, H_out, W_out), in unpadded pixels.
     offset = offset.to(sample_dtype).reshape(batch, offset_groups, kernel_points, 2, out_h, out_w)
@@ -224,13 +229,13 @@ def _deform_conv2d(
     if mask is not None:
         modulation = mask.reshape(batch, offset_groups, 1, kernel_points, out_h, out_w)
 
-    weight_matrix = weight.reshape(
+    weight_matrix = weight.to(gemm_dtype).reshape(
         groups, out_channels // groups, group_in_channels * kernel_points
     )
     rows_per_chunk = _chunk_rows(
         out_h,
         out_w,
-        batch * in_channels * kernel_points * out_w * input.element_size(),
+        batch * in_channels * kernel_points * out_w * weight_matrix.element_size(),
         torch.is_grad_enabled() and image.requires_grad,
         input.device.type,
     )
@@ -239,11 +244,11 @@ def _deform_conv2d(
         out = torch.matmul(
             weight_matrix,
             _sample_columns(
-                image, grid, modulation, 0, out_h, batch, offset_groups, groups, input.dtype
+                image, grid, modulation, 0, out_h, batch, offset_groups, groups, gemm_dtype
             ),
         )
     else:
-        out = input.new_empty(batch, groups, out_channels // groups, out_h * out_w)
+        out = weight_matrix.new_empty(batch, groups, out_channels // groups, out_h * out_w)
         for row_start in range(0, out_h, rows_per_chunk):
             row_stop = min(row_start + rows_per_chunk, out_h)
             columns = _sample_columns(
@@ -255,10 +260,10 @@ def _deform_conv2d(
                 batch,
                 offset_groups,
                 groups,
-                input.dtype,
+                gemm_dtype,
             )
             out[..., row_start * out_w : row_stop * out_w] = torch.matmul(weight_matrix, columns)
-    out = out.reshape(batch, out_channels, out_h, out_w)
+    out = out.reshape(batch, out_channels, out_h, out_w).to(input.dtype)
     if bias is not None:
         out = out + bias.view(1, out_channels, 1, 1)
     return out
