@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile of our op")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
 
@@ -41,14 +42,22 @@ def main() -> None:
         print(f"### {title}\n")
         print(
             "| layer (N, C, H, W) | deformcli ms | torchvision ms | dense conv2d ms "
-            "| speedup vs torchvision | x dense |"
+            "| speedup vs torchvision | x dense |" + (" compiled ms |" if args.compile else "")
         )
-        print("|---|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|" + ("---:|" if args.compile else ""))
         for shape in DBNET_LAYER_SHAPES:
-            t = time_layer(shape, dtype, args.device, backward=backward, rounds=args.rounds)
+            t = time_layer(
+                shape,
+                dtype,
+                args.device,
+                backward=backward,
+                rounds=args.rounds,
+                compiled=args.compile,
+            )
+            compiled = f" {_fmt(t.compiled_ms)} |" if args.compile else ""
             print(
                 f"| {shape} | {t.deformcli_ms:.1f} | {_fmt(t.torchvision_ms)} | {t.dense_ms:.1f} | "
-                f"{_fmt(t.speedup_vs_torchvision, 2)}x | {t.ratio_to_dense:.2f} |"
+                f"{_fmt(t.speedup_vs_torchvision, 2)}x | {t.ratio_to_dense:.2f} |{compiled}"
             )
         print()
 

@@ -43,6 +43,8 @@ class LayerTiming:
     deformcli_ms: float
     torchvision_ms: float | None
     dense_ms: float
+    #: ``torch.compile`` of deformcli's op, when asked for.
+    compiled_ms: float | None = None
 
     @property
     def speedup_vs_torchvision(self) -> float | None:
@@ -88,10 +90,15 @@ def layer_callable(
     implementation: str, tensors: dict[str, torch.Tensor], backward: bool
 ) -> Callable[[], None]:
     """A zero-argument function running one forward (and backward) of ``implementation``."""
-    if implementation == "deformcli":
+    if implementation in ("deformcli", "deformcli-compiled"):
+        op = (
+            torch.compile(deform_conv2d)
+            if implementation == "deformcli-compiled"
+            else deform_conv2d
+        )
 
         def forward() -> torch.Tensor:
-            return deform_conv2d(
+            return op(
                 tensors["input"],
                 tensors["offset"],
                 tensors["weight"],
@@ -183,6 +190,7 @@ def _timing(
         deformcli_ms=medians["deformcli"],
         torchvision_ms=medians.get("torchvision"),
         dense_ms=medians["dense"],
+        compiled_ms=medians.get("deformcli-compiled"),
     )
 
 
@@ -193,10 +201,14 @@ def time_layer(
     backward: bool = False,
     rounds: int = 7,
     warmup: int = 2,
+    compiled: bool = False,
 ) -> LayerTiming:
-    """Median time of deformcli, torchvision and dense conv2d on one layer, interleaved."""
+    """Median time of deformcli, torchvision and dense conv2d on one layer, interleaved; with
+    ``compiled``, also ``torch.compile`` of deformcli's op (compiled during warm-up)."""
     tensors = make_layer_inputs(shape, dtype, device, requires_grad=backward)
     names = [n for n in IMPLEMENTATIONS if n != "torchvision" or torchvision_available()]
+    if compiled:
+        names.append("deformcli-compiled")
     runs = {name: layer_callable(name, tensors, backward) for name in names}
     if "torchvision" in runs and not _runs(runs["torchvision"]):
         del runs["torchvision"]  # e.g. its CPU kernel has no bfloat16: reported as n/a
