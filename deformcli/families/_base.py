@@ -69,10 +69,27 @@ class DeformableConvBase(nn.Module):
         )
 
     def uniform_weight_init(self) -> None:
-        """The originals' init: ``uniform(+-1/sqrt(fan_in))``, fan_in = in_channels * kH * kW."""
+        """The originals' init: weight ``uniform(+-1/sqrt(fan_in))``, fan_in = in_channels * kH
+        * kW (all input channels, not per group); bias, where there is one, zero."""
         fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         bound = 1.0 / math.sqrt(fan_in)
         self.weight.data.uniform_(-bound, bound)
+        bias = getattr(self, "bias", None)
+        if bias is not None:
+            bias.data.zero_()
+
+    def init_bias_parameter(self, enabled: bool) -> None:
+        """``bias`` as an ``(out_channels,)`` parameter, or registered as None."""
+        if enabled:
+            self.bias = nn.Parameter(torch.empty(self.out_channels))
+        else:
+            self.register_parameter("bias", None)
+
+    def zero_offset_conv(self) -> None:
+        """The ``*Pack`` layers start with zero offsets (and a mask of sigmoid(0) = 0.5)."""
+        if hasattr(self, "conv_offset"):
+            self.conv_offset.weight.data.zero_()
+            self.conv_offset.bias.data.zero_()
 
     def deform(self, x: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
         """Run the op with this layer's weight, bias and geometry.

@@ -13,8 +13,7 @@ given (ints in practice) and has ``with_bias``; no checkpoint-key renaming. Thei
 mmcv's ancestor, so the offset gradient follows mmcv's convention.
 """
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from deformcli.families._base import DeformableConvBase, split_offset_and_mask
@@ -132,8 +131,7 @@ class DeformConvPack(DeformConv):
         self.init_offset()
 
     def init_offset(self) -> None:
-        self.conv_offset.weight.data.zero_()
-        self.conv_offset.bias.data.zero_()
+        self.zero_offset_conv()
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         return self.deform(x, self.conv_offset(x))
@@ -165,10 +163,7 @@ class ModulatedDeformConv(DeformableConvBase):
         )
         self.deformable_groups = deformable_groups
         self.with_bias = bias
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels))
-        else:
-            self.register_parameter("bias", None)
+        self.init_bias_parameter(bool(bias))
         self.init_weights()
 
     @property
@@ -177,8 +172,6 @@ class ModulatedDeformConv(DeformableConvBase):
 
     def init_weights(self) -> None:
         self.uniform_weight_init()
-        if self.bias is not None:
-            self.bias.data.zero_()
 
     def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
         return self.deform(x, offset, mask)
@@ -198,9 +191,7 @@ class ModulatedDeformConvPack(ModulatedDeformConv):
 
     def init_weights(self) -> None:
         super().init_weights()
-        if hasattr(self, "conv_offset"):
-            self.conv_offset.weight.data.zero_()
-            self.conv_offset.bias.data.zero_()
+        self.zero_offset_conv()
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         offset, mask = split_offset_and_mask(self.conv_offset(x))

@@ -12,7 +12,6 @@ The offset gradient follows mmcv's CUDA kernel (:func:`deformcli.ops.deform_conv
 
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
@@ -186,8 +185,7 @@ class DeformConv2dPack(DeformConv2d):
         self.init_offset()
 
     def init_offset(self) -> None:
-        self.conv_offset.weight.data.zero_()
-        self.conv_offset.bias.data.zero_()
+        self.zero_offset_conv()
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         return self.deform(x, self.conv_offset(x))
@@ -226,10 +224,7 @@ class ModulatedDeformConv2d(DeformableConvBase):
         )
         self.deform_groups = deformable_groups if deformable_groups is not None else deform_groups
         # mmcv accepts bias="auto" (truthy): the layer then has a bias.
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels))
-        else:
-            self.register_parameter("bias", None)
+        self.init_bias_parameter(bool(bias))
         self.init_weights()
 
     @property
@@ -238,8 +233,6 @@ class ModulatedDeformConv2d(DeformableConvBase):
 
     def init_weights(self) -> None:
         self.uniform_weight_init()
-        if self.bias is not None:
-            self.bias.data.zero_()
 
     def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
         return self.deform(x, offset, mask)
@@ -262,9 +255,7 @@ class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
 
     def init_weights(self) -> None:
         super().init_weights()
-        if hasattr(self, "conv_offset"):
-            self.conv_offset.weight.data.zero_()
-            self.conv_offset.bias.data.zero_()
+        self.zero_offset_conv()
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         offset, mask = split_offset_and_mask(self.conv_offset(x))

@@ -113,17 +113,14 @@ def deform_conv2d(
     Sampling is bilinear; each of the four corners that falls outside the image contributes
     zero. Conv groups and offset groups are independent of each other.
     """
-    stride_h, stride_w = _pair(stride)
-    pad_h, pad_w = _pair(padding)
-    dil_h, dil_w = _pair(dilation)
     return _deform_conv2d(
         input,
         offset,
         weight,
         bias,
-        (stride_h, stride_w),
-        (pad_h, pad_w),
-        (dil_h, dil_w),
+        _as_pair(stride),
+        _as_pair(padding),
+        _as_pair(dilation),
         mask,
         False,
     )
@@ -148,17 +145,14 @@ def deform_conv2d_mmcv_grad(
     exactly ``y == -1`` or ``x == -1`` sees row or column 0 of the image. With zero-initialised
     offsets (mmcv's ``*Pack`` modules) and padding 1, every border sample sits exactly there.
     """
-    stride_h, stride_w = _pair(stride)
-    pad_h, pad_w = _pair(padding)
-    dil_h, dil_w = _pair(dilation)
     return _deform_conv2d(
         input,
         offset,
         weight,
         bias,
-        (stride_h, stride_w),
-        (pad_h, pad_w),
-        (dil_h, dil_w),
+        _as_pair(stride),
+        _as_pair(padding),
+        _as_pair(dilation),
         mask,
         True,
     )
@@ -311,6 +305,12 @@ def _sample_columns(
             columns = columns.mul_(chunk_mask)
     in_channels = offset_groups * group_channels
     return columns.reshape(batch, groups, in_channels // groups * kernel_points, rows * out_w)
+
+
+def _as_pair(value: tuple[int, int]) -> tuple[int, int]:
+    """An int or a pair as a pair (typed for TorchScript, which needs a fixed-size tuple)."""
+    first, second = _pair(value)
+    return (first, second)
 
 
 def _kernel_grid(
