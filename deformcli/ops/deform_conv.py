@@ -29,6 +29,8 @@ from torch.nn import init
 from torch.nn.modules.utils import _pair
 
 from deformcli.ops._checks import check_deform_conv2d_arguments, check_layer_groups
+from deformcli.ops._chunking import chunk_rows, get_max_column_bytes, set_max_column_bytes
+from deformcli.ops._gather import gather_deform_conv2d
 
 __all__ = [
     "DeformConv2d",
@@ -37,46 +39,6 @@ __all__ = [
     "get_max_column_bytes",
     "set_max_column_bytes",
 ]
-
-# Upper bound on the bytes of the sampled columns of one chunk of output rows, for CPU (index 0)
-# and for other devices (index 1). With a mask the forward pass holds about twice this in
-# temporaries. On CPU, 4 MiB keeps one chunk's columns in the last-level cache between
-# sampling, modulation and the GEMM, which makes small chunks faster than one big one; on a GPU
-# each chunk costs kernel launches, so big chunks are faster there.
-_max_column_bytes: list[int] = [4 * 2**20, 512 * 2**20]
-
-# Chunks hold at least this many output positions so the GEMM stays efficient on narrow images.
-_MIN_CHUNK_POSITIONS = 1024
-
-# With autograd, each chunk's sampling backward produces an input-sized gradient that is then
-# summed, so training keeps the number of chunks small.
-_MAX_CHUNKS_WITH_INPUT_GRAD = 8
-
-
-def set_max_column_bytes(max_bytes: int, device_type: str = "cpu") -> None:
-    """Cap the temporary sampled-column memory of one chunk of output rows.
-
-    Smaller caps bound peak memory on large images; at least one output row (and 1024 output
-    positions) is processed per chunk whatever the cap. Traced and compiled graphs are not
-    chunked (their shapes may be symbolic).
-
-    Args:
-        max_bytes: the cap in bytes (defaults: 4 MiB on CPU, 512 MiB on other devices).
-        device_type: ``"cpu"`` for the CPU cap, anything else (``"cuda"``, ``"mps"``...) for the
-            cap shared by all other devices.
-    """
-    if max_bytes <= 0:
-        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
-    _max_column_bytes[_cap_index(device_type)] = int(max_bytes)
-
-
-def get_max_column_bytes(device_type: str = "cpu") -> int:
-    """The cap set by :func:`set_max_column_bytes` for ``device_type``."""
-    return _max_column_bytes[_cap_index(device_type)]
-
-
-def _cap_index(device_type: str) -> int:
-    return 0 if device_type == "cpu" else 1
 
 
 def deform_conv2d(
@@ -194,6 +156,27 @@ def _deform_conv2d(
     if input.device.type == "cpu" and input.dtype == torch.float16:
         gemm_dtype = torch.float32
 
+    if (
+        input.device.type == "cpu"
+        and not _exporting()
+        and not _needs_autograd(input, offset, weight, bias, mask)
+    ):
+        return gather_deform_conv2d(
+            input,
+            offset,
+            weight,
+            bias,
+            stride,
+            padding,
+            dilation,
+            mask,
+            offset_groups,
+            out_h,
+            out_w,
+            sample_dtype,
+            gemm_dtype,
+        )
+
     # Sampling coordinates, each (N, offset_groups, K, H_out, W_out), in unpadded pixels.
     offset = offset.to(sample_dtype).reshape(batch, offset_groups, kernel_points, 2, out_h, out_w)
     base_y, base_x = _kernel_grid(
@@ -201,6 +184,10 @@ def _deform_conv2d(
     )
     y = base_y + offset[:, :, :, 0]
     x = base_x + offset[:, :, :, 1]
+    # Points beyond -2 or H + 1 (W + 1), infinite or NaN ones included, sample nothing and pass
+    # no gradient, as in torchvision; clamped there, grid_sample's coordinates stay finite.
+    y = y.nan_to_num(-2.0).clamp(-2.0, height + 1.0)
+    x = x.nan_to_num(-2.0).clamp(-2.0, width + 1.0)
     if offset_grad_inside_only:
         inside = (y > -1) & (y < height) & (x > -1) & (x < width)
         y = torch.where(inside, y, y.detach())
@@ -226,7 +213,7 @@ def _deform_conv2d(
     weight_matrix = weight.to(gemm_dtype).reshape(
         groups, out_channels // groups, group_in_channels * kernel_points
     )
-    rows_per_chunk = _chunk_rows(
+    rows_per_chunk = chunk_rows(
         out_h,
         out_w,
         batch * in_channels * kernel_points * out_w * weight_matrix.element_size(),
@@ -337,6 +324,18 @@ def _kernel_grid(
     return base_y, base_x
 
 
+def _needs_autograd(
+    input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None
+) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    if input.requires_grad or offset.requires_grad or weight.requires_grad:
+        return True
+    if bias is not None and bias.requires_grad:
+        return True
+    return mask is not None and mask.requires_grad
+
+
 def _next_power_of_two(size: int) -> int:
     power = 1
     while power < size:
@@ -349,19 +348,6 @@ def _exporting() -> bool:
     if torch.jit.is_scripting():
         return False
     return torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
-
-
-def _chunk_rows(
-    out_h: int, out_w: int, bytes_per_row: int, input_needs_grad: bool, device_type: str
-) -> int:
-    """How many output rows one chunk may hold under the column-memory cap."""
-    if torch.jit.is_scripting() or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return out_h
-    cap = _max_column_bytes[_cap_index(device_type)]
-    rows = max(cap // max(bytes_per_row, 1), -(-_MIN_CHUNK_POSITIONS // out_w))
-    if input_needs_grad:
-        rows = max(rows, -(-out_h // _MAX_CHUNKS_WITH_INPUT_GRAD))
-    return min(out_h, rows)
 
 
 class DeformConv2d(nn.Module):

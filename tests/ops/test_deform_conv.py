@@ -6,8 +6,11 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
+import deformcli.ops._chunking
+import deformcli.ops._gather
 from deformcli import deform_conv2d, get_max_column_bytes, set_max_column_bytes
 from tests.helpers import assert_close_scaled, forward_and_grads, make_problem, names_for
 from tests.reference import deform_conv2d_loop
@@ -31,10 +34,13 @@ GRID = list(
 
 
 def _check_against(op, problem, tol) -> None:
+    """Output and all gradients (autograd path), and the output of the inference path."""
     expected = forward_and_grads(op, problem)
     actual = forward_and_grads(deform_conv2d, problem)
     for name, a, e in zip(names_for(problem), actual, expected, strict=True):
         assert_close_scaled(a, e, tol, name)
+    with torch.no_grad():
+        assert_close_scaled(problem.call(deform_conv2d), expected[0], tol, "inference output")
 
 
 @pytest.mark.parametrize(("kernel", "groups", "offset_groups", "mask", "bias", "geometry"), GRID)
@@ -139,6 +145,8 @@ def test_loop_reference_agrees_with_torchvision():
 @pytest.mark.parametrize("mask", [True, False])
 def test_batch_zero(mask):
     problem = make_problem(batch=0, with_mask=mask)
+    with torch.no_grad():
+        assert problem.call(deform_conv2d).shape == (0, 8, 7, 9)
     outputs = forward_and_grads(deform_conv2d, problem)
     assert outputs[0].shape == (0, 8, 7, 9)
     for tensor, grad in zip(problem.tensors(), outputs[1:], strict=True):
@@ -159,6 +167,8 @@ def test_non_contiguous_inputs():
         names_for(problem), forward_and_grads(deform_conv2d, problem), expected, strict=True
     ):
         assert_close_scaled(a, e, 1e-10, name)
+    with torch.no_grad():
+        assert_close_scaled(problem.call(deform_conv2d), expected[0], 1e-10, "inference output")
 
 
 def test_int_arguments_like_torchvision():
@@ -206,14 +216,15 @@ def test_half_precisions_against_float64(dtype, tol):
     assert all(t.grad is not None and t.grad.dtype == dtype for t in tensors)
 
 
-def test_chunked_columns_equal_single_chunk():
+def test_chunked_columns_equal_single_chunk(monkeypatch):
     problem = make_problem(batch=2, in_channels=12, size=(40, 24), groups=2, offset_groups=3)
     expected = forward_and_grads(deform_conv2d, problem)
     previous = get_max_column_bytes()
+    # One output row per chunk at inference (chunks cross from one image to the next), at most
+    # 8 chunks with grads.
+    monkeypatch.setattr(deformcli.ops._chunking, "_MIN_CHUNK_POSITIONS", 1)
     try:
-        set_max_column_bytes(
-            1
-        )  # one output row per chunk at inference, at most 8 chunks with grads
+        set_max_column_bytes(1)
         with torch.no_grad():
             chunked = problem.call(deform_conv2d)
         actual = forward_and_grads(deform_conv2d, problem)
@@ -222,6 +233,68 @@ def test_chunked_columns_equal_single_chunk():
     assert_close_scaled(chunked, expected[0], 1e-12, "no_grad output")
     for name, a, e in zip(names_for(problem), actual, expected, strict=True):
         assert_close_scaled(a, e, 1e-12, name)
+
+
+def test_inference_path_samples_without_grid_sample(monkeypatch):
+    # Without autograd, CPU sampling is the channels-last gather; with it, grid_sample (which
+    # has the double backward). Both must be what runs, or the speed or the gradients are lost.
+    problem = make_problem()
+    expected = problem.call(TV)
+    calls = []
+    grid_sample = F.grid_sample
+    monkeypatch.setattr(F, "grid_sample", lambda *a, **k: calls.append(1) or grid_sample(*a, **k))
+    with torch.no_grad():
+        assert_close_scaled(problem.call(deform_conv2d), expected, 1e-10)
+    assert not calls
+    tensors = [t.detach().clone().requires_grad_() for t in problem.tensors()]
+    assert_close_scaled(problem.call(deform_conv2d, tensors).detach(), expected, 1e-10)
+    assert calls
+
+
+def test_inference_path_with_int64_indices(monkeypatch):
+    # Tables beyond 2**31 rows switch to int64 indices; force the switch on a small problem.
+    assert deformcli.ops._gather._index_dtype(2**31 - 1) == torch.int32
+    assert deformcli.ops._gather._index_dtype(2**31) == torch.int64
+    monkeypatch.setattr(deformcli.ops._gather, "_index_dtype", lambda rows: torch.int64)
+    problem = make_problem(batch=3, groups=2, offset_groups=3)
+    with torch.no_grad():
+        assert_close_scaled(problem.call(deform_conv2d), problem.call(TV), 1e-10)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 1e30])
+@pytest.mark.parametrize("inference", [True, False])
+def test_non_finite_and_huge_offsets_sample_nothing(value, inference):
+    problem = make_problem(offset_scale=0.0)
+    problem.offset = torch.full_like(problem.offset, value)
+    with torch.set_grad_enabled(not inference):
+        tensors = [t.detach().clone().requires_grad_(not inference) for t in problem.tensors()]
+        out = problem.call(deform_conv2d, tensors)
+    assert torch.equal(out.detach(), problem.bias.view(1, -1, 1, 1).expand_as(out))
+    if not inference:  # and no gradient reaches input, offset or mask (torchvision's is NaN)
+        out.sum().backward()
+        input, offset, _, _, mask = tensors
+        for tensor in (input, offset, mask):
+            assert torch.count_nonzero(tensor.grad) == 0
+
+
+def test_inference_points_on_minus_one_never_read_the_border():
+    # torchvision's forward gives a point at y == -1 or x == -1 no value at all, so an infinite
+    # pixel in row or column 0 must not leak in through a zero interpolation weight. (With
+    # autograd, grid_sample does read row 0 there: torchvision's one-sided offset gradient at
+    # y == -1 needs it.)
+    problem = make_problem(kernel=(1, 1), padding=(0, 0), offset_scale=0.0, with_mask=False)
+    _, _, out_h, out_w = problem.offset.shape
+    rows = torch.arange(out_h, dtype=torch.float64).view(1, out_h, 1)
+    cols = torch.arange(out_w, dtype=torch.float64).view(1, 1, out_w)
+    offset = problem.offset.view(-1, 2, out_h, out_w)
+    offset[:, 0] = -1 - rows  # y == -1 exactly
+    offset[:, 1] = 3 - cols  # x == 3, inside
+    problem.input[:, :, 0, :] = float("inf")
+    problem.input[:, :, :, 3] = float("inf")
+    expected = problem.call(TV)
+    assert torch.isfinite(expected).all()
+    with torch.no_grad():
+        assert torch.equal(problem.call(deform_conv2d), expected)
 
 
 def test_set_max_column_bytes_rejects_non_positive():
