@@ -1,17 +1,16 @@
-"""Inference kernel for CPU: bilinear sampling as a weighted gather of channels-last pixels.
+"""CPU kernel: bilinear sampling as a weighted gather of channels-last pixels.
 
 With the image laid out channels-last, the four corners of one sampling point are four
 contiguous rows of channels, and bilinear interpolation times the modulation mask is a
 weighted sum of those rows: exactly ``F.embedding_bag(mode="sum", per_sample_weights=...)``,
 a fused CPU kernel that streams whole rows instead of gathering one scalar per channel as
-``grid_sample`` must on channels-first images (about 5x faster on DBNet's layers). Coordinates
-stay in pixels, so there is no normalisation round trip, and corners outside the image point
-at a padding row that the kernel skips (never read, so inf or NaN beside the border cannot leak
-in through a zero weight). The sampled columns come out as ``(positions, K * C_in)``, the layout
-a ``positions x C_out`` GEMM wants.
+``grid_sample`` must on channels-first images (about 5x faster on DBNet's layers). A one-pixel
+zero frame around the image holds the corners that fall just outside it, coordinates stay in
+pixels (integer points are exact, with no normalisation round trip), and the sampled columns
+come out as ``(positions, K * C_in)``, the layout a ``positions x C_out`` GEMM wants.
 
-``embedding_bag`` has no double backward, so this kernel is only used when no gradient is
-needed; training runs the ``grid_sample`` formulation in :mod:`deformcli.ops.deform_conv`.
+Gradients use embedding_bag's fused backward; when the backward is itself differentiated
+(double backward, which embedding_bag lacks) they switch to plain differentiable formulas.
 """
 
 import torch
@@ -35,12 +34,14 @@ def gather_deform_conv2d(
     out_w: int,
     sample_dtype: torch.dtype,
     gemm_dtype: torch.dtype,
+    offset_grad_inside_only: bool,
 ) -> Tensor:
-    """Forward values of :func:`deformcli.deform_conv2d` (checked arguments; no autograd).
+    """:func:`deformcli.deform_conv2d` on checked arguments, with autograd (not under TorchScript).
 
     Shapes are those of :func:`deformcli.deform_conv2d`. Sampling runs in ``sample_dtype`` and
     the GEMM in ``gemm_dtype``; the result is contiguous ``(N, C_out, H_out, W_out)`` in the
-    input's dtype.
+    input's dtype. ``offset_grad_inside_only`` picks mmcv's offset-gradient convention over
+    torchvision's (see ``deformcli.ops.deform_conv._deform_conv2d``).
     """
     batch, in_channels, height, width = input.shape
     out_channels, group_in_channels, kernel_h, kernel_w = weight.shape
@@ -103,15 +104,26 @@ def gather_deform_conv2d(
         .transpose(2, 3)
         .reshape(groups, out_channels // groups, kernel_points * group_in_channels)
     )
-    out = torch.empty(batch * out_h * out_w, out_channels, dtype=gemm_dtype, device=input.device)
+    needs_grad = torch.is_grad_enabled() and (
+        table.requires_grad or offset.requires_grad or weight_matrix.requires_grad
+    )
+    # torchvision gives no value to a point at or beyond -1 or H (W). Without autograd such a
+    # point reads nothing at all. With it, torchvision's convention still differentiates a
+    # point at exactly -1 one-sidedly (seeing row or column 0), so that point is sampled,
+    # with weight zero on row 0; mmcv's convention gives it no gradient.
+    sample_minus_one = needs_grad and not offset_grad_inside_only
     rows_per_chunk = chunk_rows(
         batch * out_h,
         out_w,
         out_w * kernel_points * in_channels * table.element_size(),
-        False,
+        needs_grad and table.requires_grad,
         input.device.type,
     )
-    for start in range(0, batch * out_h, max(rows_per_chunk, 1)):
+    # Without autograd, each chunk's GEMM writes straight into the output.
+    out = torch.empty(batch * out_h * out_w, out_channels, dtype=gemm_dtype, device=input.device)
+    out_chunks: list[Tensor] = []
+    # At least one chunk, empty for an empty batch, so the output is connected to autograd.
+    for start in range(0, max(batch * out_h, 1), max(rows_per_chunk, 1)):
         stop = min(start + rows_per_chunk, batch * out_h)
         chunk_modulation: Tensor | None = None
         if modulation is not None:
@@ -129,18 +141,22 @@ def gather_deform_conv2d(
             group_index,
             height,
             width,
+            sample_minus_one,
         ).to(gemm_dtype)
-        out_rows = out[start * out_w : stop * out_w]
-        if groups == 1:
-            torch.mm(columns, weight_matrix[0].t(), out=out_rows)
+        if groups == 1 and not needs_grad:
+            torch.mm(columns, weight_matrix[0].t(), out=out[start * out_w : stop * out_w])
+        elif groups == 1:
+            out_chunks.append(torch.mm(columns, weight_matrix[0].t()))
         else:
             # (positions, K * C_in) -> (groups, positions, K * C_in / groups)
             columns = columns.view(-1, kernel_points, groups, group_in_channels).permute(2, 0, 1, 3)
             columns = columns.reshape(groups, -1, kernel_points * group_in_channels)
             grouped = torch.bmm(columns, weight_matrix.transpose(1, 2))
-            out_rows.copy_(grouped.transpose(0, 1).reshape(-1, out_channels))
+            out_chunks.append(grouped.transpose(0, 1).reshape(-1, out_channels))
+    if out_chunks:
+        out = torch.cat(out_chunks)
     if bias is not None:
-        out += bias.to(gemm_dtype)
+        out = out + bias.to(gemm_dtype)
     return (
         out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2).to(input.dtype).contiguous()
     )
@@ -164,6 +180,7 @@ def _sample_rows(
     group_index: Tensor,
     height: int,
     width: int,
+    sample_minus_one: bool,
 ) -> Tensor:
     """Modulated im2col columns of R output rows.
 
@@ -177,6 +194,7 @@ def _sample_rows(
             kernel_y, kernel_x: ``(K,)`` kernel point displacements.
         corner_step: ``(4,)`` table rows of the four corners relative to the top-left one.
         group_index: ``(offset_groups,)`` 0, 1, ...
+        sample_minus_one: sample points at exactly -1 too (they have zero value either way).
 
     Returns:
         ``(R * W_out, K * C_in)`` columns; channel ``c`` of kernel point ``k`` at ``k * C_in + c``.
@@ -186,10 +204,13 @@ def _sample_rows(
     # offset leads so the result takes its (R, W_out, K, offset_groups) memory order.)
     y = offset[..., 0] + (row_y.view(rows, 1, 1, 1) + kernel_y.view(1, 1, kernel_points, 1))
     x = offset[..., 1] + (col_x.view(1, out_w, 1, 1) + kernel_x.view(1, 1, kernel_points, 1))
-    # torchvision's rule: a point at or beyond -1 or H (W) contributes zero. Such points (and
-    # NaN ones) read the table's last, zero row with zero weights; their coordinates are
-    # replaced by 0 first so no non-finite value reaches the weights or the integer conversion.
-    inside = (y > -1) & (y < height) & (x > -1) & (x < width)
+    # Points outside (NaN ones too) read the table's last, zero row with zero weights; their
+    # coordinates are replaced by 0 first so no non-finite value reaches the weights, the
+    # integer conversion or the gradient.
+    if sample_minus_one:
+        inside = (y >= -1) & (y < height) & (x >= -1) & (x < width)
+    else:
+        inside = (y > -1) & (y < height) & (x > -1) & (x < width)
     y = torch.where(inside, y, 0)
     x = torch.where(inside, x, 0)
     top = y.floor()
@@ -210,7 +231,55 @@ def _sample_rows(
     )
     scale = inside.to(y.dtype) if modulation is None else torch.where(inside, modulation, 0)
     corner_weight = corner_weight * scale.unsqueeze(-1)
-    columns = F.embedding_bag(
-        index.view(-1, 4), table, per_sample_weights=corner_weight.view(-1, 4), mode="sum"
-    )
+    columns = _weighted_row_sums(table, index.view(-1, 4), corner_weight.view(-1, 4))
     return columns.view(rows * out_w, kernel_points * offset_groups * table.shape[1])
+
+
+def _weighted_row_sums(table: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+    """``out[b] = sum_j weights[b, j] * table[index[b, j]]``: ``(B, C)`` from ``(T, C)`` and
+    ``(B, 4)`` index and weights."""
+    # TorchScript compiles no autograd.Function; it skips a block under exactly this test.
+    if not torch.jit.is_scripting():  # noqa: SIM102
+        if torch.is_grad_enabled() and (table.requires_grad or weights.requires_grad):
+            return _WeightedRowSums.apply(table, index, weights)
+    return F.embedding_bag(index, table, per_sample_weights=weights, mode="sum")
+
+
+class _WeightedRowSums(torch.autograd.Function):
+    """:func:`_weighted_row_sums` with a backward that can itself be differentiated."""
+
+    @staticmethod
+    def forward(table: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+        return F.embedding_bag(index, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
+        table, index, weights = ctx.saved_tensors
+        needs_table, _, needs_weights = ctx.needs_input_grad
+        grad_table: Tensor | None = None
+        grad_weights: Tensor | None = None
+        if torch.is_grad_enabled():
+            # create_graph=True: formulas autograd can differentiate again.
+            if needs_table:
+                spread = (grad.unsqueeze(1) * weights.unsqueeze(-1)).flatten(0, 1)
+                grad_table = torch.zeros_like(table).index_add(0, index.flatten(), spread)
+            if needs_weights:
+                grad_weights = (table[index] * grad.unsqueeze(1)).sum(-1)
+            return grad_table, None, grad_weights
+        # First-order: embedding_bag's fused backward (about 3x faster than the formulas),
+        # reached by differentiating a recomputed forward, which costs a tenth of it.
+        with torch.enable_grad():
+            table = table.detach().requires_grad_(needs_table)
+            weights = weights.detach().requires_grad_(needs_weights)
+            sums = F.embedding_bag(index, table, per_sample_weights=weights, mode="sum")
+        wanted = [tensor for tensor in (table, weights) if tensor.requires_grad]
+        grads = list(torch.autograd.grad(sums, wanted, grad))
+        if needs_table:
+            grad_table = grads.pop(0)
+        if needs_weights:
+            grad_weights = grads.pop(0)
+        return grad_table, None, grad_weights

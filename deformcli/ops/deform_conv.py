@@ -159,7 +159,7 @@ def _deform_conv2d(
     if (
         input.device.type == "cpu"
         and not _exporting()
-        and not _needs_autograd(input, offset, weight, bias, mask)
+        and not _grid_sample_for_autograd(input, offset, weight, bias, mask)
     ):
         return gather_deform_conv2d(
             input,
@@ -175,6 +175,7 @@ def _deform_conv2d(
             out_w,
             sample_dtype,
             gemm_dtype,
+            offset_grad_inside_only,
         )
 
     # Sampling coordinates, each (N, offset_groups, K, H_out, W_out), in unpadded pixels.
@@ -324,10 +325,14 @@ def _kernel_grid(
     return base_y, base_x
 
 
-def _needs_autograd(
+def _grid_sample_for_autograd(
     input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None
 ) -> bool:
+    """Whether a CPU call needs gradients where only the grid_sample formulation has them:
+    TorchScript and torch.compile cannot trace the gather kernel's custom autograd.Function."""
     if not torch.is_grad_enabled():
+        return False
+    if not (torch.jit.is_scripting() or torch.compiler.is_compiling()):
         return False
     if input.requires_grad or offset.requires_grad or weight.requires_grad:
         return True

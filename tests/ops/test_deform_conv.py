@@ -235,20 +235,35 @@ def test_chunked_columns_equal_single_chunk(monkeypatch):
         assert_close_scaled(a, e, 1e-12, name)
 
 
-def test_inference_path_samples_without_grid_sample(monkeypatch):
-    # Without autograd, CPU sampling is the channels-last gather; with it, grid_sample (which
-    # has the double backward). Both must be what runs, or the speed or the gradients are lost.
+def test_cpu_eager_samples_without_grid_sample(monkeypatch):
+    # On CPU, eager sampling is the channels-last gather, with and without autograd; only
+    # TorchScript and torch.compile with gradients fall back to grid_sample. A silent fallback
+    # would keep the numbers and lose the speed.
     problem = make_problem()
-    expected = problem.call(TV)
+    expected = forward_and_grads(TV, problem)
     calls = []
     grid_sample = F.grid_sample
     monkeypatch.setattr(F, "grid_sample", lambda *a, **k: calls.append(1) or grid_sample(*a, **k))
     with torch.no_grad():
-        assert_close_scaled(problem.call(deform_conv2d), expected, 1e-10)
+        assert_close_scaled(problem.call(deform_conv2d), expected[0], 1e-10)
+    for name, a, e in zip(
+        names_for(problem), forward_and_grads(deform_conv2d, problem), expected, strict=True
+    ):
+        assert_close_scaled(a, e, 1e-10, name)
     assert not calls
-    tensors = [t.detach().clone().requires_grad_() for t in problem.tensors()]
-    assert_close_scaled(problem.call(deform_conv2d, tensors).detach(), expected, 1e-10)
-    assert calls
+
+
+def test_torchscript_gradients_match_torchvision():
+    # Under TorchScript, gradients come from the grid_sample formulation.
+    problem = make_problem(offset_groups=3, groups=2, integer_offsets=True, offset_scale=1.5)
+    scripted = torch.jit.script(deform_conv2d)
+    for name, a, e in zip(
+        names_for(problem),
+        forward_and_grads(scripted, problem),
+        forward_and_grads(TV, problem),
+        strict=True,
+    ):
+        assert_close_scaled(a, e, 1e-10, name)
 
 
 def test_inference_path_with_int64_indices(monkeypatch):
