@@ -36,7 +36,7 @@ def gather_deform_conv2d(
     gemm_dtype: torch.dtype,
     offset_grad_inside_only: bool,
 ) -> Tensor:
-    """:func:`deformcli.deform_conv2d` on checked arguments, with autograd (not under TorchScript).
+    """:func:`deformcli.deform_conv2d` on checked CPU arguments (TorchScript: without autograd).
 
     Shapes are those of :func:`deformcli.deform_conv2d`. Sampling runs in ``sample_dtype`` and
     the GEMM in ``gemm_dtype``; the result is contiguous ``(N, C_out, H_out, W_out)`` in the
@@ -105,7 +105,11 @@ def gather_deform_conv2d(
         .reshape(groups, out_channels // groups, kernel_points * group_in_channels)
     )
     needs_grad = torch.is_grad_enabled() and (
-        table.requires_grad or offset.requires_grad or weight_matrix.requires_grad
+        input.requires_grad
+        or offset.requires_grad
+        or weight.requires_grad
+        or (bias is not None and bias.requires_grad)
+        or (mask is not None and mask.requires_grad)
     )
     # torchvision gives no value to a point at or beyond -1 or H (W). Without autograd such a
     # point reads nothing at all. With it, torchvision's convention still differentiates a
@@ -116,11 +120,18 @@ def gather_deform_conv2d(
         batch * out_h,
         out_w,
         out_w * kernel_points * in_channels * table.element_size(),
-        needs_grad and table.requires_grad,
+        needs_grad and input.requires_grad,
         input.device.type,
     )
-    # Without autograd, each chunk's GEMM writes straight into the output.
-    out = torch.empty(batch * out_h * out_w, out_channels, dtype=gemm_dtype, device=input.device)
+    # Without autograd, each chunk's GEMM writes straight into the output; with it, chunks
+    # are concatenated.
+    write_in_place = groups == 1 and not needs_grad
+    out = torch.empty(
+        batch * out_h * out_w if write_in_place else 0,
+        out_channels,
+        dtype=gemm_dtype,
+        device=input.device,
+    )
     out_chunks: list[Tensor] = []
     # At least one chunk, empty for an empty batch, so the output is connected to autograd.
     for start in range(0, max(batch * out_h, 1), max(rows_per_chunk, 1)):
@@ -143,7 +154,7 @@ def gather_deform_conv2d(
             width,
             sample_minus_one,
         ).to(gemm_dtype)
-        if groups == 1 and not needs_grad:
+        if write_in_place:
             torch.mm(columns, weight_matrix[0].t(), out=out[start * out_w : stop * out_w])
         elif groups == 1:
             out_chunks.append(torch.mm(columns, weight_matrix[0].t()))

@@ -253,6 +253,20 @@ def test_cpu_eager_samples_without_grid_sample(monkeypatch):
     assert not calls
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("name", ["input", "offset", "weight", "bias", "mask"])
+def test_gradient_of_one_tensor(name, groups):
+    # Only one argument requires grad: the op must still build a graph (and pick its path).
+    problem = make_problem(groups=groups, offset_groups=3)
+    gradients = []
+    for op in (deform_conv2d, TV):
+        tensors = [t.detach().clone() for t in problem.tensors()]
+        wanted = tensors[names_for(problem).index(name) - 1].requires_grad_()
+        problem.call(op, tensors).square().sum().backward()
+        gradients.append(wanted.grad)
+    assert_close_scaled(*gradients, 1e-10, name)
+
+
 def test_torchscript_gradients_match_torchvision():
     # Under TorchScript, gradients come from the grid_sample formulation.
     problem = make_problem(offset_groups=3, groups=2, integer_offsets=True, offset_scale=1.5)
