@@ -123,12 +123,13 @@ def gather_deform_conv2d(
         needs_grad and input.requires_grad,
         input.device.type,
     )
-    # Without autograd, each chunk's GEMM writes straight into the output; with it, chunks
-    # are concatenated.
-    write_in_place = groups == 1 and not needs_grad
+    # Without autograd, each chunk's (positions, C_out) product is written transposed into the
+    # (N, C_out, H_out * W_out) output while it is still in cache, so no second output-sized
+    # buffer exists; with autograd, chunks are concatenated and transposed at the end.
     out = torch.empty(
-        batch * out_h * out_w if write_in_place else 0,
+        batch if not needs_grad else 0,
         out_channels,
+        out_h * out_w,
         dtype=gemm_dtype,
         device=input.device,
     )
@@ -154,23 +155,40 @@ def gather_deform_conv2d(
             width,
             sample_minus_one,
         ).to(gemm_dtype)
-        if write_in_place:
-            torch.mm(columns, weight_matrix[0].t(), out=out[start * out_w : stop * out_w])
-        elif groups == 1:
-            out_chunks.append(torch.mm(columns, weight_matrix[0].t()))
+        if groups == 1:
+            product = torch.mm(columns, weight_matrix[0].t())
         else:
             # (positions, K * C_in) -> (groups, positions, K * C_in / groups)
             columns = columns.view(-1, kernel_points, groups, group_in_channels).permute(2, 0, 1, 3)
             columns = columns.reshape(groups, -1, kernel_points * group_in_channels)
             grouped = torch.bmm(columns, weight_matrix.transpose(1, 2))
-            out_chunks.append(grouped.transpose(0, 1).reshape(-1, out_channels))
-    if out_chunks:
-        out = torch.cat(out_chunks)
+            product = grouped.transpose(0, 1).reshape(-1, out_channels)
+        if needs_grad:
+            out_chunks.append(product)
+        else:
+            _write_transposed(product, out, start, stop, out_h, out_w)
+    if needs_grad:
+        out = torch.cat(out_chunks).view(batch, out_h * out_w, out_channels).transpose(1, 2)
     if bias is not None:
-        out = out + bias.to(gemm_dtype)
-    return (
-        out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2).to(input.dtype).contiguous()
-    )
+        out.add_(bias.to(gemm_dtype).view(1, out_channels, 1))  # in place: no second buffer
+    return out.reshape(batch, out_channels, out_h, out_w).to(input.dtype).contiguous()
+
+
+def _write_transposed(
+    product: Tensor, out: Tensor, start: int, stop: int, out_h: int, out_w: int
+) -> None:
+    """Copy ``product`` ``(positions, C_out)`` of the flattened output rows ``start:stop`` (of
+    all N * H_out) into ``out`` ``(N, C_out, H_out * W_out)``, one image at a time."""
+    row = start
+    while row < stop:
+        image = row // out_h
+        piece_stop = min(stop, (image + 1) * out_h)
+        first = (row - image * out_h) * out_w
+        last = (piece_stop - image * out_h) * out_w
+        out[image, :, first:last].copy_(
+            product[(row - start) * out_w : (piece_stop - start) * out_w].t()
+        )
+        row = piece_stop
 
 
 def _index_dtype(table_rows: int) -> torch.dtype:
