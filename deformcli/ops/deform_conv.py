@@ -6,20 +6,24 @@ weight in one matrix multiply. Every step is an ordinary differentiable tensor o
 (double backward included), ``torch.compile``, ``torch.export``, ONNX export and TorchScript
 all see through it, and it runs on any device torch runs on.
 
-How it is computed, and why that is fast and exact:
+There are two formulations with the same numbers and gradients:
 
-* Bilinear sampling is ``torch.nn.functional.grid_sample`` (zeros padding), one fused,
-  vectorised kernel per device with its own backward and double backward. Its zeros padding
-  is exactly torchvision's rule that each corner outside the image contributes zero.
-* Each offset group is a batch entry of ``grid_sample`` and the kernel points are stacked
-  along the sampled height, so the result is the classic ``(C_in * K, positions)`` column
-  matrix of im2col, contracted with the weight in a single batched GEMM per conv group.
-* ``grid_sample`` takes normalised coordinates. The image is zero-padded on the bottom and
-  right to power-of-two sizes so that normalising and unnormalising only multiply by powers
-  of two: integer sampling points survive the round trip exactly, and with them
-  torchvision's one-sided offset gradient at integer coordinates.
-* Output rows are processed in chunks so the temporary columns stay below a cap
-  (:func:`set_max_column_bytes`), which bounds memory on large images.
+* On CPU (eager; and compiled or scripted without autograd), sampling is a weighted gather of
+  channels-last pixels, :mod:`deformcli.ops._gather`, several times faster than the one below.
+* Elsewhere (GPUs, exported graphs, autograd under TorchScript or torch.compile), bilinear
+  sampling is ``torch.nn.functional.grid_sample`` (zeros padding), one fused, vectorised
+  kernel per device with its own backward and double backward. Its zeros padding is exactly
+  torchvision's rule that each corner outside the image contributes zero. Each offset group
+  is a batch entry of ``grid_sample`` and the kernel points are stacked along the sampled
+  height, so the result is the classic ``(C_in * K, positions)`` column matrix of im2col,
+  contracted with the weight in a single batched GEMM per conv group. ``grid_sample`` takes
+  normalised coordinates: the image is zero-padded on the bottom and right to power-of-two
+  sizes so that normalising and unnormalising only multiply by powers of two, integer
+  sampling points survive the round trip exactly, and with them torchvision's one-sided
+  offset gradient at integer coordinates.
+
+Output rows are processed in chunks so the temporary columns stay below a cap
+(:func:`set_max_column_bytes`), which bounds memory on large images.
 """
 
 import torch
@@ -178,35 +182,63 @@ def _deform_conv2d(
             offset_grad_inside_only,
         )
 
-    # Sampling coordinates, each (N, offset_groups, K, H_out, W_out), in unpadded pixels.
-    offset = offset.to(sample_dtype).reshape(batch, offset_groups, kernel_points, 2, out_h, out_w)
-    base_y, base_x = _kernel_grid(
-        kernel_h, kernel_w, out_h, out_w, stride, padding, dilation, sample_dtype, input.device
-    )
-    y = base_y + offset[:, :, :, 0]
-    x = base_x + offset[:, :, :, 1]
-    # Points beyond -2 or H + 1 (W + 1), infinite or NaN ones included, sample nothing and pass
-    # no gradient, as in torchvision; clamped there, grid_sample's coordinates stay finite.
-    y = y.nan_to_num(-2.0).clamp(-2.0, height + 1.0)
-    x = x.nan_to_num(-2.0).clamp(-2.0, width + 1.0)
-    if offset_grad_inside_only:
-        inside = (y > -1) & (y < height) & (x > -1) & (x < width)
-        y = torch.where(inside, y, y.detach())
-        x = torch.where(inside, x, x.detach())
-
     padded_h, padded_w = height, width
     if not _exporting():
         # Exact integer sampling points (see the module docstring). Exported graphs keep H, W
         # symbolic, so they normalise with the true size: values agree to float rounding.
         padded_h = _next_power_of_two(height)
         padded_w = _next_power_of_two(width)
-    # (N * offset_groups, C_in / offset_groups, padded_h, padded_w)
-    image = F.pad(input.to(sample_dtype), (0, padded_w - width, 0, padded_h - height))
-    image = image.reshape(batch * offset_groups, in_channels // offset_groups, padded_h, padded_w)
-    # grid_sample (align_corners=False) maps pixel p to (p + 0.5) * 2 / size - 1.
+    # grid_sample (align_corners=False) reads pixel p at u = (p + 0.5) * scale - 1.
+    scale_y = 2.0 / padded_h
+    scale_x = 2.0 / padded_w
+    base_y, base_x = _normalised_kernel_grid(
+        kernel_h,
+        kernel_w,
+        out_h,
+        out_w,
+        stride,
+        padding,
+        dilation,
+        scale_y,
+        scale_x,
+        sample_dtype,
+        input.device,
+    )
+    # u = base + scale * offset: one rounding of the exact ((p + offset) + 0.5) * scale - 1,
+    # since scaling by a power of two is exact. (N, offset_groups, kH, kW, H_out, W_out, 2),
+    # with the offsets viewed as (N, offset_groups, kH, kW, 2, H_out, W_out).
+    offset = offset.to(sample_dtype).reshape(
+        batch, offset_groups, kernel_h, kernel_w, 2, out_h, out_w
+    )
     grid = torch.stack(
-        [(x + 0.5) * (2.0 / padded_w) - 1.0, (y + 0.5) * (2.0 / padded_h) - 1.0], dim=-1
-    ).reshape(batch * offset_groups, kernel_points, out_h, out_w, 2)
+        [
+            torch.add(base_x, offset[:, :, :, :, 1], alpha=scale_x),
+            torch.add(base_y, offset[:, :, :, :, 0], alpha=scale_y),
+        ],
+        dim=-1,
+    )
+    # Points beyond about -2 or H + 1 (W + 1), infinite or NaN ones included, sample nothing
+    # and pass no gradient, as in torchvision; clamped there, grid_sample's coordinates stay
+    # finite. (|u| = 4 is at least two pixels outside for any size.)
+    grid = grid.nan_to_num(-4.0, 4.0, -4.0).clamp(-4.0, 4.0)
+    if offset_grad_inside_only:
+        # Strictly inside (-1, H) x (-1, W), in normalised units.
+        x = grid[..., 0]
+        y = grid[..., 1]
+        inside = (
+            (y > -0.5 * scale_y - 1)
+            & (y < (height + 0.5) * scale_y - 1)
+            & (x > -0.5 * scale_x - 1)
+            & (x < (width + 0.5) * scale_x - 1)
+        )
+        grid = torch.where(inside.unsqueeze(-1), grid, grid.detach())
+    grid = grid.view(batch * offset_groups, kernel_points, out_h, out_w, 2)
+
+    # (N * offset_groups, C_in / offset_groups, padded_h, padded_w)
+    image = input.to(sample_dtype)
+    if padded_h != height or padded_w != width:
+        image = F.pad(image, (0, padded_w - width, 0, padded_h - height))
+    image = image.reshape(batch * offset_groups, in_channels // offset_groups, padded_h, padded_w)
     modulation: Tensor | None = None
     if mask is not None:
         modulation = mask.reshape(batch, offset_groups, 1, kernel_points, out_h, out_w)
@@ -301,7 +333,7 @@ def _as_pair(value: tuple[int, int]) -> tuple[int, int]:
     return (first, second)
 
 
-def _kernel_grid(
+def _normalised_kernel_grid(
     kernel_h: int,
     kernel_w: int,
     out_h: int,
@@ -309,20 +341,20 @@ def _kernel_grid(
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
+    scale_y: float,
+    scale_x: float,
     dtype: torch.dtype,
     device: torch.device,
 ) -> tuple[Tensor, Tensor]:
-    """Undeformed sampling coordinates, each ``(K, H_out, W_out)`` for ``K = kH * kW``."""
-    rows = torch.arange(out_h, device=device, dtype=dtype) * stride[0] - padding[0]
-    cols = torch.arange(out_w, device=device, dtype=dtype) * stride[1] - padding[1]
-    kernel_rows = torch.arange(kernel_h, device=device, dtype=dtype) * dilation[0]
-    kernel_cols = torch.arange(kernel_w, device=device, dtype=dtype) * dilation[1]
-    base_y = kernel_rows.view(kernel_h, 1, 1, 1) + rows.view(1, 1, out_h, 1)
-    base_x = kernel_cols.view(1, kernel_w, 1, 1) + cols.view(1, 1, 1, out_w)
-    shape = (kernel_h * kernel_w, out_h, out_w)
-    base_y = base_y.expand(kernel_h, kernel_w, out_h, out_w).reshape(shape)
-    base_x = base_x.expand(kernel_h, kernel_w, out_h, out_w).reshape(shape)
-    return base_y, base_x
+    """Undeformed sampling points ``u = (p + 0.5) * scale - 1``: y ``(kH, 1, H_out, 1)`` and x
+    ``(1, kW, 1, W_out)``, broadcasting against ``(kH, kW, H_out, W_out)``."""
+    rows = torch.arange(-padding[0], out_h * stride[0] - padding[0], stride[0], device=device)
+    cols = torch.arange(-padding[1], out_w * stride[1] - padding[1], stride[1], device=device)
+    kernel_rows = torch.arange(0, kernel_h * dilation[0], dilation[0], device=device)
+    kernel_cols = torch.arange(0, kernel_w * dilation[1], dilation[1], device=device)
+    pixel_y = (kernel_rows.view(kernel_h, 1, 1, 1) + rows.view(1, 1, out_h, 1)).to(dtype)
+    pixel_x = (kernel_cols.view(1, kernel_w, 1, 1) + cols.view(1, 1, 1, out_w)).to(dtype)
+    return pixel_y * scale_y + (0.5 * scale_y - 1), pixel_x * scale_x + (0.5 * scale_x - 1)
 
 
 def _grid_sample_for_autograd(

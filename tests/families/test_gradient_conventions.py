@@ -6,9 +6,20 @@ import pytest
 import torch
 import torchvision
 
+import deformcli.ops.deform_conv
 from deformcli import deform_conv2d, deform_conv2d_mmcv_grad
 from deformcli.families import basicsr, legacy_dcn, mmcv
 from tests.helpers import assert_close_scaled, forward_and_grads, make_problem, names_for
+
+
+@pytest.fixture(autouse=True, params=["gather", "grid_sample"])
+def formulation(request, monkeypatch):
+    """Every test here runs on both formulations of the op: the CPU gather kernel and the
+    grid_sample one (GPUs, exported graphs, autograd under TorchScript or torch.compile)."""
+    if request.param == "grid_sample":
+        monkeypatch.setattr(deformcli.ops.deform_conv, "_grid_sample_for_autograd", lambda *a: True)
+    return request.param
+
 
 # mmcv tests/test_ops/test_modulated_deform_conv.py
 MODULATED_INPUT = [[[[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]]]

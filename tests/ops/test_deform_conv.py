@@ -11,6 +11,7 @@ import torchvision
 
 import deformcli.ops._chunking
 import deformcli.ops._gather
+import deformcli.ops.deform_conv
 from deformcli import deform_conv2d, get_max_column_bytes, set_max_column_bytes
 from tests.helpers import assert_close_scaled, forward_and_grads, make_problem, names_for
 from tests.reference import deform_conv2d_loop
@@ -52,6 +53,34 @@ def test_matches_torchvision_float64(kernel, groups, offset_groups, mask, bias, 
         with_mask=mask,
         with_bias=bias,
         **GEOMETRIES[geometry],
+    )
+    _check_against(TV, problem, 1e-10)
+
+
+@pytest.mark.parametrize(("kernel", "groups", "offset_groups", "mask", "bias", "geometry"), GRID)
+def test_grid_sample_formulation_matches_torchvision_float64(
+    monkeypatch, kernel, groups, offset_groups, mask, bias, geometry
+):
+    # GPUs, exported graphs, and autograd under TorchScript or torch.compile run the
+    # grid_sample formulation; force it on CPU so this grid covers it without a GPU.
+    monkeypatch.setattr(deformcli.ops.deform_conv, "_grid_sample_for_autograd", lambda *a: True)
+    problem = make_problem(
+        kernel=kernel,
+        groups=groups,
+        offset_groups=offset_groups,
+        with_mask=mask,
+        with_bias=bias,
+        **GEOMETRIES[geometry],
+    )
+    _check_against(TV, problem, 1e-10)
+
+
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("mask", [True, False])
+def test_grid_sample_formulation_integer_offsets(monkeypatch, geometry, mask):
+    monkeypatch.setattr(deformcli.ops.deform_conv, "_grid_sample_for_autograd", lambda *a: True)
+    problem = make_problem(
+        integer_offsets=True, offset_scale=1.5, with_mask=mask, **GEOMETRIES[geometry]
     )
     _check_against(TV, problem, 1e-10)
 
