@@ -102,3 +102,11 @@ def names_for(problem: Problem) -> list[str]:
     if problem.mask is not None:
         names.append("mask")
     return names
+
+
+def assert_outputs_and_grads_close(
+    problem: Problem, actual: list[Tensor], expected: list[Tensor], tol: float
+) -> None:
+    """Two :func:`forward_and_grads` results agree, each tensor named in the message."""
+    for name, a, e in zip(names_for(problem), actual, expected, strict=True):
+        assert_close_scaled(a, e, tol, name)

@@ -6,20 +6,17 @@ import pytest
 import torch
 import torchvision
 
-import deformcli.ops.deform_conv
 from deformcli import deform_conv2d, deform_conv2d_mmcv_grad
 from deformcli.families import basicsr, legacy_dcn, mmcv
-from tests.helpers import assert_close_scaled, forward_and_grads, make_problem, names_for
+from tests.helpers import (
+    assert_close_scaled,
+    assert_outputs_and_grads_close,
+    forward_and_grads,
+    make_problem,
+)
 
-
-@pytest.fixture(autouse=True, params=["gather", "grid_sample"])
-def formulation(request, monkeypatch):
-    """Every test here runs on both formulations of the op: the CPU gather kernel and the
-    grid_sample one (GPUs, exported graphs, autograd under TorchScript or torch.compile)."""
-    if request.param == "grid_sample":
-        monkeypatch.setattr(deformcli.ops.deform_conv, "_grid_sample_for_autograd", lambda *a: True)
-    return request.param
-
+# Every test here runs on both formulations of the op (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("formulation")
 
 # mmcv tests/test_ops/test_modulated_deform_conv.py
 MODULATED_INPUT = [[[[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]]]
@@ -157,13 +154,12 @@ def test_torchvision_convention_differs_on_the_same_fixture():
 def test_conventions_agree_away_from_the_border_lines():
     # Non-integer offsets never land on y == -1 or x == -1: all five gradients agree.
     problem = make_problem(offset_scale=2.5)
-    for name, a, b in zip(
-        names_for(problem),
+    assert_outputs_and_grads_close(
+        problem,
         forward_and_grads(deform_conv2d_mmcv_grad, problem),
         forward_and_grads(deform_conv2d, problem),
-        strict=True,
-    ):
-        assert_close_scaled(a, b, 1e-12, name)
+        1e-12,
+    )
 
 
 def test_mmcv_convention_has_double_backward():

@@ -11,9 +11,14 @@ import torchvision
 
 import deformcli.ops._chunking
 import deformcli.ops._gather
-import deformcli.ops.deform_conv
 from deformcli import deform_conv2d, get_max_column_bytes, set_max_column_bytes
-from tests.helpers import assert_close_scaled, forward_and_grads, make_problem, names_for
+from tests.helpers import (
+    assert_close_scaled,
+    assert_outputs_and_grads_close,
+    forward_and_grads,
+    make_problem,
+    names_for,
+)
 from tests.reference import deform_conv2d_loop
 
 TV = torchvision.ops.deform_conv2d
@@ -38,12 +43,12 @@ def _check_against(op, problem, tol) -> None:
     """Output and all gradients (autograd path), and the output of the inference path."""
     expected = forward_and_grads(op, problem)
     actual = forward_and_grads(deform_conv2d, problem)
-    for name, a, e in zip(names_for(problem), actual, expected, strict=True):
-        assert_close_scaled(a, e, tol, name)
+    assert_outputs_and_grads_close(problem, actual, expected, tol)
     with torch.no_grad():
         assert_close_scaled(problem.call(deform_conv2d), expected[0], tol, "inference output")
 
 
+@pytest.mark.usefixtures("formulation")
 @pytest.mark.parametrize(("kernel", "groups", "offset_groups", "mask", "bias", "geometry"), GRID)
 def test_matches_torchvision_float64(kernel, groups, offset_groups, mask, bias, geometry):
     problem = make_problem(
@@ -53,34 +58,6 @@ def test_matches_torchvision_float64(kernel, groups, offset_groups, mask, bias, 
         with_mask=mask,
         with_bias=bias,
         **GEOMETRIES[geometry],
-    )
-    _check_against(TV, problem, 1e-10)
-
-
-@pytest.mark.parametrize(("kernel", "groups", "offset_groups", "mask", "bias", "geometry"), GRID)
-def test_grid_sample_formulation_matches_torchvision_float64(
-    monkeypatch, kernel, groups, offset_groups, mask, bias, geometry
-):
-    # GPUs, exported graphs, and autograd under TorchScript or torch.compile run the
-    # grid_sample formulation; force it on CPU so this grid covers it without a GPU.
-    monkeypatch.setattr(deformcli.ops.deform_conv, "_grid_sample_for_autograd", lambda *a: True)
-    problem = make_problem(
-        kernel=kernel,
-        groups=groups,
-        offset_groups=offset_groups,
-        with_mask=mask,
-        with_bias=bias,
-        **GEOMETRIES[geometry],
-    )
-    _check_against(TV, problem, 1e-10)
-
-
-@pytest.mark.parametrize("geometry", list(GEOMETRIES))
-@pytest.mark.parametrize("mask", [True, False])
-def test_grid_sample_formulation_integer_offsets(monkeypatch, geometry, mask):
-    monkeypatch.setattr(deformcli.ops.deform_conv, "_grid_sample_for_autograd", lambda *a: True)
-    problem = make_problem(
-        integer_offsets=True, offset_scale=1.5, with_mask=mask, **GEOMETRIES[geometry]
     )
     _check_against(TV, problem, 1e-10)
 
@@ -105,6 +82,7 @@ def test_matches_torchvision_float32(kernel, groups, offset_groups, geometry):
     _check_against(TV, problem, 1e-5)
 
 
+@pytest.mark.usefixtures("formulation")
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 @pytest.mark.parametrize("mask", [True, False])
 def test_integer_offsets_match_torchvision_gradients(geometry, mask):
@@ -162,13 +140,12 @@ def test_matches_loop_reference(kernel, groups, offset_groups, geometry):
 def test_loop_reference_agrees_with_torchvision():
     # The two references are independent; their agreement is what makes either trustworthy.
     problem = make_problem(batch=1, in_channels=4, out_channels=2, size=(4, 5), offset_groups=2)
-    for name, a, e in zip(
-        names_for(problem),
+    assert_outputs_and_grads_close(
+        problem,
         forward_and_grads(deform_conv2d_loop, problem),
         forward_and_grads(TV, problem),
-        strict=True,
-    ):
-        assert_close_scaled(a, e, 1e-10, name)
+        1e-10,
+    )
 
 
 @pytest.mark.parametrize("mask", [True, False])
@@ -192,10 +169,9 @@ def test_non_contiguous_inputs():
     problem.mask = torch.cat([problem.mask, problem.mask], dim=3)[..., : problem.mask.shape[3]]
     assert not problem.input.is_contiguous() and not problem.offset.is_contiguous()
     assert not problem.weight.is_contiguous() and not problem.mask.is_contiguous()
-    for name, a, e in zip(
-        names_for(problem), forward_and_grads(deform_conv2d, problem), expected, strict=True
-    ):
-        assert_close_scaled(a, e, 1e-10, name)
+    assert_outputs_and_grads_close(
+        problem, forward_and_grads(deform_conv2d, problem), expected, 1e-10
+    )
     with torch.no_grad():
         assert_close_scaled(problem.call(deform_conv2d), expected[0], 1e-10, "inference output")
 
@@ -263,8 +239,7 @@ def test_chunked_columns_match_torchvision(monkeypatch, rows_per_chunk, groups):
     finally:
         set_max_column_bytes(previous)
     assert_close_scaled(chunked, expected[0], 1e-10, "no_grad output")
-    for name, a, e in zip(names_for(problem), actual, expected, strict=True):
-        assert_close_scaled(a, e, 1e-10, name)
+    assert_outputs_and_grads_close(problem, actual, expected, 1e-10)
 
 
 def test_cpu_eager_samples_without_grid_sample(monkeypatch):
@@ -278,10 +253,9 @@ def test_cpu_eager_samples_without_grid_sample(monkeypatch):
     monkeypatch.setattr(F, "grid_sample", lambda *a, **k: calls.append(1) or grid_sample(*a, **k))
     with torch.no_grad():
         assert_close_scaled(problem.call(deform_conv2d), expected[0], 1e-10)
-    for name, a, e in zip(
-        names_for(problem), forward_and_grads(deform_conv2d, problem), expected, strict=True
-    ):
-        assert_close_scaled(a, e, 1e-10, name)
+    assert_outputs_and_grads_close(
+        problem, forward_and_grads(deform_conv2d, problem), expected, 1e-10
+    )
     assert not calls
 
 
@@ -303,13 +277,9 @@ def test_torchscript_gradients_match_torchvision():
     # Under TorchScript, gradients come from the grid_sample formulation.
     problem = make_problem(offset_groups=3, groups=2, integer_offsets=True, offset_scale=1.5)
     scripted = torch.jit.script(deform_conv2d)
-    for name, a, e in zip(
-        names_for(problem),
-        forward_and_grads(scripted, problem),
-        forward_and_grads(TV, problem),
-        strict=True,
-    ):
-        assert_close_scaled(a, e, 1e-10, name)
+    assert_outputs_and_grads_close(
+        problem, forward_and_grads(scripted, problem), forward_and_grads(TV, problem), 1e-10
+    )
 
 
 def test_inference_path_with_int64_indices(monkeypatch):
