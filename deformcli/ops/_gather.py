@@ -34,14 +34,16 @@ def gather_deform_conv2d(
     out_w: int,
     sample_dtype: torch.dtype,
     gemm_dtype: torch.dtype,
+    needs_grad: bool,
     offset_grad_inside_only: bool,
 ) -> Tensor:
     """:func:`deformcli.deform_conv2d` on checked CPU arguments (TorchScript: without autograd).
 
     Shapes are those of :func:`deformcli.deform_conv2d`. Sampling runs in ``sample_dtype`` and
     the GEMM in ``gemm_dtype``; the result is contiguous ``(N, C_out, H_out, W_out)`` in the
-    input's dtype. ``offset_grad_inside_only`` picks mmcv's offset-gradient convention over
-    torchvision's (see ``deformcli.ops.deform_conv._deform_conv2d``).
+    input's dtype. ``needs_grad``: whether the call records an autograd graph.
+    ``offset_grad_inside_only`` picks mmcv's offset-gradient convention over torchvision's
+    (see ``deformcli.ops.deform_conv._deform_conv2d``).
     """
     batch, in_channels, height, width = input.shape
     out_channels, group_in_channels, kernel_h, kernel_w = weight.shape
@@ -103,13 +105,6 @@ def gather_deform_conv2d(
         .reshape(groups, out_channels // groups, group_in_channels, kernel_points)
         .transpose(2, 3)
         .reshape(groups, out_channels // groups, kernel_points * group_in_channels)
-    )
-    needs_grad = torch.is_grad_enabled() and (
-        input.requires_grad
-        or offset.requires_grad
-        or weight.requires_grad
-        or (bias is not None and bias.requires_grad)
-        or (mask is not None and mask.requires_grad)
     )
     # torchvision gives no value to a point at or beyond -1 or H (W). Without autograd such a
     # point reads nothing at all. With it, torchvision's convention still differentiates a

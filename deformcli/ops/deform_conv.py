@@ -160,10 +160,11 @@ def _deform_conv2d(
     if input.device.type == "cpu" and input.dtype == torch.float16:
         gemm_dtype = torch.float32
 
+    needs_grad = _needs_autograd(input, offset, weight, bias, mask)
     if (
         input.device.type == "cpu"
         and not _exporting()
-        and not _grid_sample_for_autograd(input, offset, weight, bias, mask)
+        and not _grid_sample_for_autograd(needs_grad)
     ):
         return gather_deform_conv2d(
             input,
@@ -179,6 +180,7 @@ def _deform_conv2d(
             out_w,
             sample_dtype,
             gemm_dtype,
+            needs_grad,
             offset_grad_inside_only,
         )
 
@@ -357,20 +359,23 @@ def _normalised_kernel_grid(
     return pixel_y * scale_y + (0.5 * scale_y - 1), pixel_x * scale_x + (0.5 * scale_x - 1)
 
 
-def _grid_sample_for_autograd(
+def _needs_autograd(
     input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None
 ) -> bool:
-    """Whether a CPU call needs gradients where only the grid_sample formulation has them:
-    TorchScript and torch.compile cannot trace the gather kernel's custom autograd.Function."""
+    """Whether the call records a graph: grad mode on and some argument requires grad."""
     if not torch.is_grad_enabled():
-        return False
-    if not (torch.jit.is_scripting() or torch.compiler.is_compiling()):
         return False
     if input.requires_grad or offset.requires_grad or weight.requires_grad:
         return True
     if bias is not None and bias.requires_grad:
         return True
     return mask is not None and mask.requires_grad
+
+
+def _grid_sample_for_autograd(needs_grad: bool) -> bool:
+    """Whether a CPU call needs gradients where only the grid_sample formulation has them:
+    TorchScript and torch.compile cannot trace the gather kernel's custom autograd.Function."""
+    return needs_grad and (torch.jit.is_scripting() or torch.compiler.is_compiling())
 
 
 def _next_power_of_two(size: int) -> int:
