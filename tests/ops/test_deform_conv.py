@@ -292,6 +292,7 @@ def test_inference_path_with_int64_indices(monkeypatch):
         assert_close_scaled(problem.call(deform_conv2d), problem.call(TV), 1e-10)
 
 
+@pytest.mark.usefixtures("formulation")
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 1e30])
 @pytest.mark.parametrize("inference", [True, False])
 def test_non_finite_and_huge_offsets_sample_nothing(value, inference):
@@ -311,8 +312,8 @@ def test_non_finite_and_huge_offsets_sample_nothing(value, inference):
 def test_inference_points_on_minus_one_never_read_the_border():
     # torchvision's forward gives a point at y == -1 or x == -1 no value at all, so an infinite
     # pixel in row or column 0 must not leak in through a zero interpolation weight. (With
-    # autograd, grid_sample does read row 0 there: torchvision's one-sided offset gradient at
-    # y == -1 needs it.)
+    # autograd, under torchvision's convention, such a point is sampled with weight zero on
+    # row 0: its one-sided offset gradient at y == -1 needs row 0.)
     problem = make_problem(kernel=(1, 1), padding=(0, 0), offset_scale=0.0, with_mask=False)
     _, _, out_h, out_w = problem.offset.shape
     rows = torch.arange(out_h, dtype=torch.float64).view(1, out_h, 1)
