@@ -8,6 +8,7 @@ from deformcli.ops import (
     set_max_column_bytes,
 )
 from deformcli.surgery import SwapRecord, convert_layer, swap
+from deformcli.user_model import load_model
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,7 @@ __all__ = [
     "deform_conv2d",
     "deform_conv2d_mmcv_grad",
     "get_max_column_bytes",
+    "load_model",
     "set_max_column_bytes",
     "swap",
 ]

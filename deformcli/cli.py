@@ -241,24 +241,43 @@ def _print_conversion(result) -> None:
         console.print(f"{len(result.layers)} deformable layer(s) found in the tensors.")
     verification = result.verification
     if verification is not None:
-        table = Table(title="verification (deformcli vs torchvision's kernel)")
-        for column in ("layer", "max abs error", "max rel error"):
-            table.add_column(column)
-        for layer in verification.layers:
-            table.add_row(layer.path, f"{layer.max_abs:.3e}", f"{layer.max_rel:.3e}")
-        if verification.input_shape[1] != 0:
-            table.add_row(
-                "[bold]end to end[/]", f"{verification.max_abs:.3e}", f"{verification.max_rel:.3e}"
-            )
-        console.print(table)
-        verdict = "[green]passed[/]" if verification.passed else "[bold red]FAILED[/]"
-        console.print(f"Verification {verdict} (tolerance {verification.tolerance:g} relative).")
+        _print_comparison(verification)
     else:
         console.print("Verification skipped.")
     if result.output is not None:
         console.print(f"Wrote [bold]{result.output}[/]", highlight=False)
     else:
         console.print("Nothing written (verification failed; --force writes anyway).")
+
+
+def _print_comparison(verification) -> None:
+    from deformcli.verify import WEIGHTS_ONLY
+
+    weights_only = verification.checked == WEIGHTS_ONLY
+    title = (
+        "per-layer weight check: each layer's weights through deformcli and torchvision's "
+        "kernel on synthetic inputs"
+        if weights_only
+        else "verification (deformcli vs torchvision's kernel)"
+    )
+    table = Table(title=title)
+    for column in ("layer", "max abs error", "max rel error"):
+        table.add_column(column)
+    for layer in verification.layers:
+        table.add_row(layer.path, f"{layer.max_abs:.3e}", f"{layer.max_rel:.3e}")
+    if not weights_only:
+        table.add_row(
+            "[bold]end to end[/]", f"{verification.max_abs:.3e}", f"{verification.max_rel:.3e}"
+        )
+    console.print(table)
+    verdict = "[green]passed[/]" if verification.passed else "[bold red]FAILED[/]"
+    if weights_only:
+        console.print(
+            f"Per-layer weight check {verdict} (tolerance {verification.tolerance:g} relative). "
+            "The model was not run: pass --model to verify it end to end."
+        )
+    else:
+        console.print(f"Verification {verdict} (tolerance {verification.tolerance:g} relative).")
 
 
 # ----------------------------------------------------------------------------------- verify

@@ -6,9 +6,7 @@ weights strictly, keep the original as the reference, swap every deformable laye
 deformcli's, verify on sample inputs, and write safetensors atomically with metadata.
 """
 
-import importlib
-import json
-import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,24 +15,22 @@ import torch
 from torch import Tensor, nn
 
 import deformcli
-from deformcli import shims
 from deformcli.checkpoint import (
     DeformableLayerInfo,
     find_deformable_layers,
     load_checkpoint,
     save_safetensors,
 )
-from deformcli.errors import CheckpointError, ModelError
-from deformcli.families.mmcv import rename_version1_offset_keys
+from deformcli.errors import CheckpointError
+from deformcli.families.legacy_dcn import KernelReadWarning
 from deformcli.surgery import SwapRecord, swap
+from deformcli.user_model import build_model, fit_state_dict, name_layers, user_code
 from deformcli.verify import ModelComparison, check_layer_weights, compare_models, reference_model
 
 __all__ = [
     "ConversionResult",
-    "build_model",
     "convert",
     "default_output_path",
-    "fit_state_dict",
     "swap_and_compare",
     "verify_file",
 ]
@@ -73,104 +69,6 @@ class ConversionResult:
 
 def default_output_path(source: Path) -> Path:
     return source.with_name(f"{source.stem}.deformcli.safetensors")
-
-
-def build_model(spec: str, kwargs_json: str | None = None) -> nn.Module:
-    """Call ``pkg.module:factory`` (a function or class) with JSON keyword arguments.
-
-    The import runs with deformcli's import shims active, so a model file that imports
-    ``mmcv.ops``, ``assets.ops.dcn`` or ``basicsr.ops.dcn`` imports without the extension.
-    The current directory is importable, as with ``python -m``.
-    """
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ModelError(f"--model {spec!r}: expected 'package.module:factory'")
-    try:
-        kwargs = json.loads(kwargs_json) if kwargs_json else {}
-    except json.JSONDecodeError as error:
-        raise ModelError(f"--model-kwargs is not valid JSON: {error}") from None
-    if not isinstance(kwargs, dict):
-        raise ModelError(f"--model-kwargs must be a JSON object, got {type(kwargs).__name__}")
-    added_cwd = "" not in sys.path and "." not in sys.path
-    if added_cwd:
-        sys.path.insert(0, "")
-    try:
-        with shims.activated():
-            module = importlib.import_module(module_name)
-    except Exception as error:
-        raise ModelError(
-            f"--model {spec!r}: cannot import {module_name!r}: {type(error).__name__}: {error}"
-        ) from None
-    finally:
-        if added_cwd:
-            sys.path.remove("")
-    factory = getattr(module, attribute, None)
-    if factory is None or not callable(factory):
-        raise ModelError(f"--model {spec!r}: {module_name} has no callable {attribute!r}")
-    try:
-        model = factory(**kwargs)
-    except Exception as error:
-        raise ModelError(
-            f"--model {spec!r}: calling {attribute}(**{kwargs}) failed: "
-            f"{type(error).__name__}: {error}"
-        ) from None
-    if not isinstance(model, nn.Module):
-        raise ModelError(
-            f"--model {spec!r}: {attribute} returned {type(model).__name__}, not a torch.nn.Module"
-        )
-    return model
-
-
-def fit_state_dict(
-    model: nn.Module, state_dict: dict[str, Tensor]
-) -> tuple[dict[str, Tensor], list[str]]:
-    """Strip the prefixes that stand between checkpoint keys and the model's (``module.``, a
-    trainer's ``model.``...), apply mmcv's version-1 key renaming, and load strictly.
-
-    Raises ModelError listing missing and unexpected keys when the weights do not fit.
-    """
-    notes: list[str] = []
-    expected = set(model.state_dict())
-    keys = dict(state_dict)
-    while keys and not (set(keys) & expected):
-        first = next(iter(keys))
-        prefix = first.split(".", 1)[0] + "."
-        if "." not in first or not all(k.startswith(prefix) for k in keys):
-            break
-        keys = {k[len(prefix) :]: v for k, v in keys.items()}
-        notes.append(f"stripped the {prefix!r} prefix to match the model's keys")
-    # DB's own layout also has <name>_offset beside <name>: rename only where the model wants it.
-    upgraded, renamed = rename_version1_offset_keys(keys)
-    if renamed and all(new in expected and old not in expected for old, new in renamed):
-        keys = upgraded
-        notes.append(f"renamed {len(renamed)} mmcv version-1 offset keys (<name>_offset.*)")
-    missing = sorted(expected - set(keys))
-    unexpected = sorted(set(keys) - expected)
-    if missing or unexpected:
-        raise ModelError(
-            "the checkpoint does not fit the model: "
-            + "; ".join(
-                part
-                for part in (
-                    _listing("missing keys", missing),
-                    _listing("unexpected keys", unexpected),
-                )
-                if part
-            )
-        )
-    try:
-        model.load_state_dict(keys, strict=True)
-    except RuntimeError as error:
-        raise ModelError(f"the checkpoint does not fit the model: {error}") from None
-    return keys, notes
-
-
-def _listing(label: str, keys: list[str], limit: int = 8) -> str:
-    if not keys:
-        return ""
-    shown = ", ".join(keys[:limit])
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return f"{len(keys)} {label} ({shown}{more})"
 
 
 def _sample_input(input_shape: tuple[int, ...], input_path: Path | None, dtype) -> Tensor:
@@ -238,27 +136,29 @@ def convert(
     if devices and devices != ["cpu"]:
         notes.append(f"tensors were saved on {', '.join(devices)}; loaded on the CPU")
 
-    network = None
-    if model is not None:
-        step(f"building {model}")
-        network = build_model(model, model_kwargs)
-    elif checkpoint.module is not None:
-        network = checkpoint.module
-        notes.append("using the model pickled in the checkpoint")
-
     swapped: list[SwapRecord] = []
     verification = None
-    if network is not None:
-        _, fit_notes = fit_state_dict(network, checkpoint.state_dict)
-        notes.extend(fit_notes)
-        network = network.to("cpu", target_dtype or _floating_dtype(network)).eval()
-        step("swapping deformable layers" + (" and verifying" if verify else ""))
-        sample = None
-        if verify:
-            sample = _sample_input(
-                input_shape, Path(input_path) if input_path else None, _floating_dtype(network)
-            )
-        swapped, verification = swap_and_compare(network, sample, tolerance)
+    if model is not None or checkpoint.module is not None:
+        with user_code():
+            if model is not None:
+                step(f"building {model}")
+                network = build_model(model, model_kwargs)
+            else:
+                network = checkpoint.module
+                notes.append("using the model pickled in the checkpoint")
+            _, fit_notes = fit_state_dict(network, checkpoint.state_dict)
+            notes.extend(fit_notes)
+            network = network.to("cpu", target_dtype or _floating_dtype(network)).eval()
+            step("swapping deformable layers" + (" and verifying" if verify else ""))
+            sample = None
+            if verify:
+                sample = _sample_input(
+                    input_shape, Path(input_path) if input_path else None, _floating_dtype(network)
+                )
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", KernelReadWarning)
+                swapped, verification = swap_and_compare(network, sample, tolerance)
+            notes.extend(_kernel_read_notes(caught))
         if not any(r.swapped for r in swapped) and not _deformcli_layer_paths(network):
             notes.append("the model has no deformable layers that deformcli recognises")
         state_dict = network.state_dict()
@@ -299,6 +199,7 @@ def swap_and_compare(
     on torchvision's kernel and compare the two on it (per swapped layer and end to end)."""
     reference = reference_model(network) if sample is not None else None
     swapped = swap(network)
+    name_layers(network)
     if reference is None:
         return swapped, None
     paths = [r.path for r in swapped if r.swapped] or _deformcli_layer_paths(network)
@@ -315,12 +216,27 @@ def verify_file(
 ) -> ModelComparison:
     """``deformcli verify PATH --model``: a converted (or original) file in the user's model,
     deformcli's layers against torchvision's kernel on a fixed-seed sample."""
-    network = build_model(model, model_kwargs)
-    fit_state_dict(network, load_checkpoint(path, trust_pickle=trust_pickle).state_dict)
-    network = network.to("cpu").eval()
-    sample = _sample_input(input_shape, None, _floating_dtype(network))
-    _, comparison = swap_and_compare(network, sample)
+    with user_code():
+        network = build_model(model, model_kwargs)
+        fit_state_dict(network, load_checkpoint(path, trust_pickle=trust_pickle).state_dict)
+        network = network.to("cpu").eval()
+        sample = _sample_input(input_shape, None, _floating_dtype(network))
+        _, comparison = swap_and_compare(network, sample)
     return comparison
+
+
+def _kernel_read_notes(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The layers that read their offsets as DB's CUDA kernel did, once each (the reference
+    and the converted model both warn); other warnings are passed on."""
+    notes: list[str] = []
+    for warning in caught:
+        if not issubclass(warning.category, KernelReadWarning):
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+        elif str(warning.message) not in notes:
+            notes.append(str(warning.message))
+    return notes
 
 
 def _floating_dtype(model: nn.Module) -> torch.dtype:

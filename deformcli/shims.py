@@ -8,9 +8,18 @@ whatever is on ``sys.path``. Parent packages (``mmcv``, ``assets``, ``basicsr``.
 from disk when they exist there, and are empty stand-ins when they do not.
 
     import deformcli.shims
+    deformcli.shims.install()                      # for the rest of the process
+    from my_project.model import build_model       # imports assets.ops.dcn
+    model = build_model()                          # DB imports it here, inside __init__
+
+or, scoped, with everything that touches the model's code inside the block:
+
     with deformcli.shims.activated():
-        from my_project.model import build_model   # imports assets.ops.dcn
-    model = build_model()
+        from my_project.model import build_model
+        model = build_model()
+
+Model code may import the extension lazily (DB does it inside ``BasicBlock.__init__``), so the
+shims must be active while the model is *built*, not only while its module is imported.
 
 Names the real packages have but the shims do not (``mmcv.ops.nms``...) raise an ImportError
 that says so.
@@ -23,7 +32,7 @@ import sys
 import types
 from collections.abc import Iterator
 
-from deformcli.families import basicsr, legacy_dcn, mmcv
+from deformcli.families import basicsr, db, mmcv
 
 __all__ = ["SHIMMED_MODULES", "activated", "install", "is_installed", "uninstall"]
 
@@ -32,11 +41,11 @@ SHIMMED_MODULES: dict[str, types.ModuleType] = {
     "mmcv.ops": mmcv,
     "mmcv.ops.deform_conv": mmcv,
     "mmcv.ops.modulated_deform_conv": mmcv,
-    "assets.ops.dcn": legacy_dcn,
-    "assets.ops.dcn.modules": legacy_dcn,
-    "assets.ops.dcn.modules.deform_conv": legacy_dcn,
-    "assets.ops.dcn.functions": legacy_dcn,
-    "assets.ops.dcn.functions.deform_conv": legacy_dcn,
+    "assets.ops.dcn": db,
+    "assets.ops.dcn.modules": db,
+    "assets.ops.dcn.modules.deform_conv": db,
+    "assets.ops.dcn.functions": db,
+    "assets.ops.dcn.functions.deform_conv": db,
     "basicsr.ops.dcn": basicsr,
     "basicsr.ops.dcn.deform_conv": basicsr,
 }
@@ -85,21 +94,24 @@ def _missing_name(module_name: str, provided: list[str]):
 
 
 _finder = _ShimFinder()
+# Who holds the shims: an explicit install() holds them until uninstall(); each open
+# activated() block holds them until it exits. They go away when nobody holds them, so a block
+# never undoes an install() made before or inside it, and nested blocks compose.
+_holders = {"installed": False, "blocks": 0}
 
 
 def install() -> None:
-    """Make the shimmed imports resolve to deformcli's layers (idempotent)."""
-    if _finder not in sys.meta_path:
-        sys.meta_path.insert(0, _finder)
+    """Make the shimmed imports resolve to deformcli's layers until :func:`uninstall`
+    (idempotent; ``activated()`` blocks never undo it)."""
+    _holders["installed"] = True
+    _insert_finder()
 
 
 def uninstall() -> None:
-    """Remove the shims and forget the modules they created."""
-    if _finder in sys.meta_path:
-        sys.meta_path.remove(_finder)
-    for name, module in list(sys.modules.items()):
-        if getattr(module, "__spec__", None) is not None and module.__spec__.loader is _finder:
-            del sys.modules[name]
+    """Remove the shims and forget the modules they created (classes already imported stay)."""
+    _holders["installed"] = False
+    _holders["blocks"] = 0
+    _remove_finder()
 
 
 def is_installed() -> bool:
@@ -108,12 +120,30 @@ def is_installed() -> bool:
 
 @contextlib.contextmanager
 def activated() -> Iterator[None]:
-    """Install the shims for the duration of a ``with`` block (imports made inside keep the
-    classes they got)."""
-    already = is_installed()
-    install()
+    """Install the shims for the duration of a ``with`` block.
+
+    Imports made inside keep the classes they got. Build the model inside the block too when
+    its code imports the extension lazily (in ``__init__``, as DB does). The shims stay if
+    :func:`install` was called before or inside the block.
+    """
+    _holders["blocks"] += 1
+    _insert_finder()
     try:
         yield
     finally:
-        if not already:
-            uninstall()
+        _holders["blocks"] = max(0, _holders["blocks"] - 1)
+        if not _holders["installed"] and _holders["blocks"] == 0:
+            _remove_finder()
+
+
+def _insert_finder() -> None:
+    if _finder not in sys.meta_path:
+        sys.meta_path.insert(0, _finder)
+
+
+def _remove_finder() -> None:
+    if _finder in sys.meta_path:
+        sys.meta_path.remove(_finder)
+    for name, module in list(sys.modules.items()):
+        if getattr(module, "__spec__", None) is not None and module.__spec__.loader is _finder:
+            del sys.modules[name]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deformcli.families import basicsr, legacy_dcn, mmcv
+from deformcli.families import basicsr, db, legacy_dcn, mmcv
 from deformcli.ops.deform_conv import DeformConv2d
 
 __all__ = ["SwapRecord", "convert_layer", "find_replacement", "swap"]
@@ -23,7 +23,7 @@ _LEGACY_NAMES = ("DeformConv", "DeformConvPack", "ModulatedDeformConv", "Modulat
 _REPLACEMENTS: dict[tuple[str, str], type[nn.Module]] = {
     ("torchvision.ops", "DeformConv2d"): DeformConv2d,
     **{("mmcv.ops", name): getattr(mmcv, name) for name in mmcv.__all__ if name[0].isupper()},
-    **{("assets.ops.dcn", name): getattr(legacy_dcn, name) for name in _LEGACY_NAMES},
+    **{("assets.ops.dcn", name): getattr(db, name) for name in _LEGACY_NAMES},
     **{("basicsr.ops.dcn", name): getattr(legacy_dcn, name) for name in _LEGACY_NAMES},
     ("basicsr.archs.arch_util", "DCNv2Pack"): basicsr.DCNv2Pack,
 }

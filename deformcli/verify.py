@@ -6,10 +6,11 @@ of configurations on this machine. ``compare_models`` runs a reference and a con
 the same inputs and reports per-layer and end-to-end errors.
 """
 
+import contextlib
 import copy
 import itertools
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -165,15 +166,23 @@ class LayerError:
     max_rel: float
 
 
+#: What :func:`compare_models` checks.
+END_TO_END = "the model run end to end, deformcli's layers against torchvision's kernel"
+#: What :func:`check_layer_weights` checks.
+WEIGHTS_ONLY = "per-layer weight check on synthetic inputs; the model was not run"
+
+
 @dataclass
 class ModelComparison:
-    """Reference vs converted model on the same inputs."""
+    """Reference vs converted model on the same inputs (``input_shape``), or each layer's
+    weights on synthetic inputs (``input_shape`` None); ``checked`` says which."""
 
-    input_shape: list[int]
+    input_shape: list[int] | None
     max_abs: float
     max_rel: float
     tolerance: float
     layers: list[LayerError] = field(default_factory=list)
+    checked: str = END_TO_END
 
     @property
     def passed(self) -> bool:
@@ -258,13 +267,10 @@ def compare_models(
             handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            expected = _as_tensors(reference.eval()(inputs))
-            actual = _as_tensors(converted.eval()(inputs))
-    except RuntimeError as error:
-        raise ModelError(
-            f"the model failed on an input of shape {list(inputs.shape)}: "
-            f"{str(error).splitlines()[0]} (is --input-shape right?)"
-        ) from None
+            with _naming_failures(reference, "the reference model (torchvision's kernel)", inputs):
+                expected = _as_tensors(reference.eval()(inputs))
+            with _naming_failures(converted, "the converted model", inputs):
+                actual = _as_tensors(converted.eval()(inputs))
     finally:
         for handle in handles:
             handle.remove()
@@ -279,11 +285,59 @@ def compare_models(
     return ModelComparison(list(inputs.shape), max_abs, max_rel, tolerance, layers)
 
 
+@contextlib.contextmanager
+def _naming_failures(model: nn.Module, label: str, inputs: Tensor) -> Iterator[None]:
+    """An exception inside ``model`` becomes a ModelError naming the innermost module that was
+    running (its path and class) and a hint that fits the failure."""
+    running: list[tuple[str, nn.Module]] = []
+    handles = []
+    for path, module in model.named_modules():
+
+        def enter(module, _inputs, path=path):
+            running.append((path, module))
+
+        def leave(_module, _inputs, _output):
+            running.pop()
+
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        yield
+    except (Exception, SystemExit) as error:
+        path, module = running[-1] if running else ("", model)
+        where = f"in {path or '(the model itself)'} ({type(module).__name__})"
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise ModelError(
+            f"{label} failed {where} on an input of shape {list(inputs.shape)}: "
+            f"{type(error).__name__}: {first_line}{_hint(module, first_line, inputs)}"
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _hint(module: nn.Module, message: str, inputs: Tensor) -> str:
+    text = message.lower()
+    if isinstance(module, (DeformableConvBase, DeformConv2d)) and (
+        "offset" in text or "mask" in text
+    ):
+        return (
+            " (the offset or mask this layer was given does not fit its output size: compare "
+            "the stride of the layer that computes them with this layer's stride)"
+        )
+    if "channel" in text or "size" in text or "shape" in text:
+        return f" (is --input-shape right? the sample was {list(inputs.shape)})"
+    return ""
+
+
 def check_layer_weights(
     state_dict: dict[str, Tensor], layer_names: list[str], padding: int = 1, tolerance: float = 1e-4
 ) -> ModelComparison:
     """Without a model: each named layer's weight through our op and torchvision's kernel on a
-    random ``(1, C_in, 16, 16)`` input with random offsets and mask (fixed seed), padding 1."""
+    random ``(1, C_in, 16, 16)`` input with random offsets and mask (fixed seed), padding 1.
+
+    This checks the weights, not the model (which was not run): ``checked`` says so and
+    ``input_shape`` is None."""
     import torchvision.ops
 
     generator = torch.Generator().manual_seed(0)
@@ -303,4 +357,4 @@ def check_layer_weights(
         layers.append(LayerError(name, *_errors([ours], [theirs])))
     max_abs = max((layer.max_abs for layer in layers), default=0.0)
     max_rel = max((layer.max_rel for layer in layers), default=0.0)
-    return ModelComparison([1, 0, 16, 16], max_abs, max_rel, tolerance, layers)
+    return ModelComparison(None, max_abs, max_rel, tolerance, layers, checked=WEIGHTS_ONLY)

@@ -26,6 +26,15 @@ class DeformableConvBase(nn.Module):
     #: :func:`deformcli.deform_conv2d` (verification runs torchvision's compiled one).
     kernel_override: Callable[..., Tensor] | None = None
 
+    #: The layer's path in its model (``backbone.layer2.0.conv2``) for messages, set by
+    #: :func:`deformcli.model.name_layers`; the class name until then.
+    layer_path: str | None = None
+
+    @property
+    def layer_name(self) -> str:
+        kind = type(self).__name__
+        return kind if self.layer_path is None else f"{self.layer_path} ({kind})"
+
     def _init_geometry(
         self,
         in_channels: int,
@@ -55,16 +64,17 @@ class DeformableConvBase(nn.Module):
     def offset_groups(self) -> int:
         raise NotImplementedError
 
-    def make_offset_conv(self, channels_per_point: int) -> nn.Conv2d:
+    def make_offset_conv(self, channels_per_point: int, dilated: bool = True) -> nn.Conv2d:
         """The ``*Pack`` layers' ``conv_offset``: ``offset_groups * channels_per_point * kH * kW``
-        outputs (2 for DCNv1, 3 for DCNv2), with this layer's kernel, stride, padding, dilation."""
+        outputs (2 for DCNv1, 3 for DCNv2), with this layer's kernel, stride, padding and
+        (``dilated``; DB's copy leaves it out) dilation."""
         return nn.Conv2d(
             self.in_channels,
             self.offset_groups * channels_per_point * self.kernel_size[0] * self.kernel_size[1],
             kernel_size=self.kernel_size,
             stride=_pair(self.stride),
             padding=_pair(self.padding),
-            dilation=_pair(self.dilation),
+            dilation=_pair(self.dilation) if dilated else 1,
             bias=True,
         )
 
@@ -87,9 +97,10 @@ class DeformableConvBase(nn.Module):
 
     def zero_offset_conv(self) -> None:
         """The ``*Pack`` layers start with zero offsets (and a mask of sigmoid(0) = 0.5)."""
-        if hasattr(self, "conv_offset"):
-            self.conv_offset.weight.data.zero_()
-            self.conv_offset.bias.data.zero_()
+        for name in ("conv_offset", "conv_offset_mask"):
+            if hasattr(self, name):
+                getattr(self, name).weight.data.zero_()
+                getattr(self, name).bias.data.zero_()
 
     def deform(self, x: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
         """Run the op with this layer's weight, bias and geometry.

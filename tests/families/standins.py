@@ -4,7 +4,8 @@ Each has the original's constructor, attribute and parameter names and forward m
 torchvision's compiled op, and claims the original's module name, so surgery sees it exactly as
 it would see the real class. Sources (read, not copied):
   mmcv: mmcv/ops/deform_conv.py, mmcv/ops/modulated_deform_conv.py (open-mmlab/mmcv 2.x)
-  DB: assets/ops/dcn/__init__.py, functions/deform_conv.py, backbones/resnet.py (MhLiao/DB)
+  DB: assets/ops/dcn/__init__.py, functions/ and modules/deform_conv.py, backbones/resnet.py
+      (MhLiao/DB)
   BasicSR: basicsr/ops/dcn/deform_conv.py, basicsr/archs/arch_util.py (XPixelGroup/BasicSR)
 """
 
@@ -29,14 +30,16 @@ class _StandIn(nn.Module):
             mask,
         )
 
-    def _offset_conv(self, points_per_kernel_point: int, groups: int) -> nn.Conv2d:
+    def _offset_conv(
+        self, points_per_kernel_point: int, groups: int, dilated: bool = True
+    ) -> nn.Conv2d:
         return nn.Conv2d(
             self.in_channels,
             groups * points_per_kernel_point * self.kernel_size[0] * self.kernel_size[1],
             kernel_size=self.kernel_size,
             stride=_pair(self.stride),
             padding=_pair(self.padding),
-            dilation=_pair(self.dilation),
+            dilation=_pair(self.dilation) if dilated else 1,
             bias=True,
         )
 
@@ -210,6 +213,29 @@ class LegacyModulatedDeformConvPack(LegacyModulatedDeformConv):
         return self._deform(x, offset, mask)
 
 
+class DbDeformConvPack(LegacyDeformConv):
+    """DB's copy: its conv_offset leaves out the layer's dilation."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.conv_offset = self._offset_conv(2, self.deformable_groups, dilated=False)
+
+    def forward(self, x):
+        return self._deform(x, self.conv_offset(x))
+
+
+class DbModulatedDeformConvPack(LegacyModulatedDeformConv):
+    """DB's copy: ``conv_offset_mask`` (BasicSR renamed it), without the layer's dilation."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.conv_offset_mask = self._offset_conv(3, self.deformable_groups, dilated=False)
+
+    def forward(self, x):
+        offset, mask = _split(self.conv_offset_mask(x))
+        return self._deform(x, offset, mask)
+
+
 class BasicsrDCNv2Pack(LegacyModulatedDeformConvPack):
     def forward(self, x, feat):
         offset, mask = _split(self.conv_offset(feat))
@@ -237,8 +263,11 @@ _LEGACY = {
     "ModulatedDeformConv": LegacyModulatedDeformConv,
     "ModulatedDeformConvPack": LegacyModulatedDeformConvPack,
 }
-DB = {
-    name: _claim(cls, "assets.ops.dcn.modules.deform_conv", name) for name, cls in _LEGACY.items()
+_DB = {
+    **_LEGACY,
+    "DeformConvPack": DbDeformConvPack,
+    "ModulatedDeformConvPack": DbModulatedDeformConvPack,
 }
+DB = {name: _claim(cls, "assets.ops.dcn.modules.deform_conv", name) for name, cls in _DB.items()}
 BASICSR = {name: _claim(cls, "basicsr.ops.dcn.deform_conv", name) for name, cls in _LEGACY.items()}
 BASICSR["DCNv2Pack"] = _claim(BasicsrDCNv2Pack, "basicsr.archs.arch_util", "DCNv2Pack")

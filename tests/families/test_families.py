@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from deformcli import swap
-from deformcli.families import basicsr, legacy_dcn, mmcv
+from deformcli.families import basicsr, db, legacy_dcn, mmcv
 from tests.families.standins import BASICSR, DB, MMCV
 from tests.helpers import assert_close_scaled
 
@@ -39,11 +39,11 @@ CASES = {
     **{
         f"{family}.{name}": (
             standins[name],
-            getattr(legacy_dcn, name),
+            getattr(ours, name),
             dict(deformable_groups=2),
             kind,
         )
-        for family, standins in (("db", DB), ("basicsr", BASICSR))
+        for family, standins, ours in (("db", DB, db), ("basicsr", BASICSR, legacy_dcn))
         for name, kind in (
             ("DeformConv", "offset"),
             ("DeformConvPack", "pack"),

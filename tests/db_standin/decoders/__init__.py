@@ -1,0 +1,3 @@
+from .seg_detector import SegDetector
+
+__all__ = ["SegDetector"]
