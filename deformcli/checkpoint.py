@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
+import stat
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -19,11 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from deformcli.errors import CheckpointError
+from deformcli.output_file import OutputError, writing
 
 __all__ = [
     "CONTAINER_KEYS",
     "DeformableLayerInfo",
     "LoadedCheckpoint",
+    "PickledObjectsError",
     "find_deformable_layers",
     "find_deformable_modules",
     "load_checkpoint",
@@ -47,6 +49,14 @@ CONTAINER_KEYS = (
 )
 
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".pkl", ".tar")
+
+#: How deep containers may nest before the layout is called unknown (real ones nest 1-3 deep).
+MAX_CONTAINER_DEPTH = 8
+
+
+class PickledObjectsError(CheckpointError):
+    """The file is a pickle holding Python objects (a whole model...) that the safe
+    weights-only load refuses; loading it means trusting the file (``trust_pickle``)."""
 
 
 @dataclass
@@ -90,22 +100,24 @@ def sha256_of(path: Path) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> LoadedCheckpoint:
-    """Load ``.pth/.pt/.ckpt/.bin`` (torch zip or legacy) or ``.safetensors`` onto the CPU.
+    """Load a torch checkpoint (zip or legacy pickle) or a safetensors file onto the CPU; the
+    format is read from the content, whatever the file is called.
 
     Safe by default: torch files load with ``weights_only=True``, which executes no pickled
-    code. A file that holds whole pickled objects (a model) needs ``trust_pickle=True``.
+    code. A file that holds whole pickled objects (a model) raises PickledObjectsError unless
+    ``trust_pickle=True``. Zip members are checked against their CRCs.
     Containers (``state_dict``, ``model``, ``ema``...) are unwrapped and a ``module.`` prefix
     from DataParallel/DDP is stripped; ``notes`` says what was done.
     """
     path = Path(path)
     _check_readable(path)
+    file_format = sniff_format(path)
     sha256 = sha256_of(path)
     locations: dict[int, str] = {}
-    if path.suffix == ".safetensors":
+    if file_format == "safetensors":
         obj = _load_safetensors(path)
-        file_format = "safetensors"
     else:
-        obj, locations, file_format = _load_torch(path, trust_pickle)
+        obj, locations = _load_torch(path, file_format, trust_pickle)
 
     notes: list[str] = []
     module = None
@@ -130,12 +142,48 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Load
 
 
 def _check_readable(path: Path) -> None:
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read it ({error.strerror})") from None
+    if stat.S_ISDIR(status.st_mode):
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
-    if path.stat().st_size == 0:
+    if not stat.S_ISREG(status.st_mode):
+        raise CheckpointError(f"{path}: is not a regular file (a FIFO, socket or device)")
+    if status.st_size == 0:
         raise CheckpointError(f"{path}: file is empty (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{path}: cannot read it (permission denied)")
+
+
+# torch.save's legacy (pre-zip) format starts with its magic number, pickled with protocol 2.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def sniff_format(path: Path) -> str:
+    """``"torch zip"``, ``"torch legacy"`` (a pickle) or ``"safetensors"``, from the first
+    bytes; CheckpointError for anything else."""
+    with open(path, "rb") as file:
+        head = file.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return "torch zip"
+    if len(head) >= 9 and head[8:9] == b"{":
+        header_length = int.from_bytes(head[:8], "little")
+        if 0 < header_length <= path.stat().st_size - 8:
+            return "safetensors"
+    if head.startswith(_LEGACY_MAGIC):
+        return "torch legacy"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        raise CheckpointError(
+            f"{path}: is a plain Python pickle (pickle.dump), not a torch checkpoint: torch.load "
+            "cannot read it and deformcli does not unpickle it"
+        )
+    raise CheckpointError(
+        f"{path}: not a checkpoint: neither a torch file (zip or pickle) nor safetensors "
+        f"(it starts with {head[:8]!r})"
+    )
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
@@ -148,18 +196,11 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: not a valid safetensors file ({error})") from None
 
 
-def _load_torch(path: Path, trust_pickle: bool) -> tuple[object, dict[int, str], str]:
-    """The unpickled object, the location each storage was saved on (by data pointer once
-    loaded on the CPU), and the file format."""
-    file_format = "torch zip" if zipfile.is_zipfile(path) else "torch legacy"
+def _load_torch(path: Path, file_format: str, trust_pickle: bool) -> tuple[object, dict[int, str]]:
+    """The unpickled object and the location each storage was saved on (by data pointer once
+    loaded on the CPU)."""
     if file_format == "torch zip":
-        try:
-            with zipfile.ZipFile(path) as archive:
-                archive.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError) as error:
-            raise CheckpointError(
-                f"{path}: the zip archive is truncated or corrupt ({error})"
-            ) from None
+        _check_zip(path)
     locations: dict[int, str] = {}
 
     def record_location(storage, location: str):
@@ -173,30 +214,57 @@ def _load_torch(path: Path, trust_pickle: bool) -> tuple[object, dict[int, str],
     except pickle.UnpicklingError as error:
         message = str(error)
         if "Weights only load failed" in message:
-            after = message.partition("WeightsUnpickler error:")[2]
-            detail = next((line.strip() for line in after.splitlines() if line.strip()), "")
-            detail = detail.rstrip(".")
-            if detail.startswith("Unsupported global"):
-                raise CheckpointError(
-                    f"{path}: holds pickled Python objects (for example a whole model) that the "
-                    f"safe weights-only load refuses ({detail}). If you trust this file, pass "
-                    "--trust-pickle: unpickling can run arbitrary code from the file."
+            detail = _refusal_detail(message)
+            if "GLOBAL" in detail:
+                raise PickledObjectsError(
+                    f"{path}: holds pickled Python objects (for example a whole model) that "
+                    f"the safe weights-only load refuses ({detail})"
                 ) from None
             raise CheckpointError(
                 f"{path}: is not a plain checkpoint: the safe weights-only loader refused it "
-                f"({detail}). If it holds pickled objects and you trust it, pass --trust-pickle "
-                "(unpickling can run arbitrary code); otherwise it is not a checkpoint at all."
+                f"({detail})"
             ) from None
-        raise CheckpointError(
-            f"{path}: not a torch checkpoint or safetensors file ({message})"
-        ) from None
+        raise CheckpointError(f"{path}: is not a readable torch checkpoint ({message})") from None
     except Exception as error:
         # Random bytes and truncated files fail anywhere inside the unpickler.
-        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CheckpointError(
-            f"{path}: could not be read as a torch checkpoint ({first_line})"
+            f"{path}: could not be read as a torch checkpoint ({type(error).__name__}: "
+            f"{first_line})"
         ) from None
-    return obj, locations, file_format
+    return obj, locations
+
+
+def _check_zip(path: Path) -> None:
+    """Every member's CRC, and no member that inflates far beyond the file (torch stores its
+    members uncompressed, so a high ratio is a zip bomb, not a checkpoint)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            inflated = sum(member.file_size for member in members)
+            if inflated > 2 * path.stat().st_size + (64 << 20):
+                raise CheckpointError(
+                    f"{path}: its zip members would inflate to {inflated:,} bytes from a "
+                    f"{path.stat().st_size:,}-byte file; refusing to load it"
+                )
+            corrupt = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as error:
+        raise CheckpointError(
+            f"{path}: the zip archive is truncated or corrupt ({error})"
+        ) from None
+    if corrupt is not None:
+        raise CheckpointError(f"{path}: member {corrupt!r} is corrupt (its CRC does not match)")
+
+
+def _refusal_detail(message: str) -> str:
+    """The reason in torch's weights-only refusal, in one line (torch words it several ways)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for marker in ("WeightsUnpickler error:", "GLOBAL", "Unsupported"):
+        for line in lines:
+            if marker in line:
+                detail = line.partition("WeightsUnpickler error:")[2] or line
+                return detail.strip().rstrip(".") or "no reason given"
+    return lines[0].rstrip(".") if lines else "no reason given"
 
 
 def _is_state_dict(obj: object) -> bool:
@@ -208,24 +276,28 @@ def _is_state_dict(obj: object) -> bool:
 
 
 def _unwrap(obj: object, path: Path, notes: list[str]) -> dict[str, Tensor]:
-    trail = []
+    trail: list[str] = []
+    seen: set[int] = set()
     while not _is_state_dict(obj):
+        where = f" under {'.'.join(trail)!r}" if trail else ""
+        if id(obj) in seen or len(trail) >= MAX_CONTAINER_DEPTH:
+            raise CheckpointError(
+                f"{path}: containers nest{' in a cycle' if id(obj) in seen else ' too deep'}"
+                f"{where}; no state_dict found"
+            )
+        seen.add(id(obj))
         if isinstance(obj, nn.Module):
             obj = obj.state_dict()
-            notes.append(f"took the state_dict of the pickled model under {'.'.join(trail)!r}")
+            notes.append(f"took the state_dict of the pickled model{where}")
             continue
         if not isinstance(obj, Mapping):
             raise CheckpointError(
                 f"{path}: expected a state_dict (a mapping of names to tensors), found "
-                f"{type(obj).__name__}{' under ' + repr('.'.join(trail)) if trail else ''}"
+                f"{type(obj).__name__}{where}"
             )
         key = next((k for k in CONTAINER_KEYS if k in obj), None)
         if key is None:
-            layout = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in list(obj.items())[:12])
-            raise CheckpointError(
-                f"{path}: unknown checkpoint layout: no state_dict found and none of the usual "
-                f"container keys ({', '.join(CONTAINER_KEYS)}); top-level entries: {{{layout}}}"
-            )
+            raise CheckpointError(f"{path}: {_layout_problem(obj)}{where}")
         others = [k for k in CONTAINER_KEYS if k in obj and k != key]
         obj = obj[key]
         trail.append(key)
@@ -234,6 +306,28 @@ def _unwrap(obj: object, path: Path, notes: list[str]) -> dict[str, Tensor]:
             note += f" (also present: {', '.join(others)})"
         notes.append(note)
     return dict(obj)
+
+
+def _layout_problem(mapping: Mapping) -> str:
+    """Why ``mapping`` is not a state_dict, naming the entries at fault."""
+    if not mapping:
+        return "holds an empty mapping, no tensors"
+    tensors = [k for k, v in mapping.items() if isinstance(v, Tensor)]
+    if tensors:
+        odd = [
+            (k, v) for k, v in mapping.items() if not (isinstance(k, str) and isinstance(v, Tensor))
+        ]
+        shown = ", ".join(f"{k!r} ({type(v).__name__})" for k, v in odd[:5])
+        more = f" and {len(odd) - 5} more" if len(odd) > 5 else ""
+        return (
+            f"{len(tensors)} entries are tensors but {len(odd)} are not: {shown}{more}; a "
+            "state_dict maps names to tensors only"
+        )
+    layout = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in list(mapping.items())[:12])
+    return (
+        "unknown checkpoint layout: no state_dict found and none of the usual container keys "
+        f"({', '.join(CONTAINER_KEYS)}); top-level entries: {{{layout}}}"
+    )
 
 
 def _strip_common_prefix(
@@ -264,6 +358,8 @@ def find_deformable_layers(
             continue
         name = key[: -len(".weight")]
         kernel_points = weight.shape[2] * weight.shape[3]
+        if kernel_points == 0:
+            continue
         for offset_name, family in (
             (f"{name}.conv_offset", "mmcv/BasicSR Pack"),
             (f"{name}_offset", "DB-style"),
@@ -332,25 +428,15 @@ def save_safetensors(
     force: bool = False,
     protect: tuple[Path, ...] = (),
 ) -> Path:
-    """Write ``state_dict`` as safetensors, atomically (temp file and rename).
+    """Write ``state_dict`` as safetensors, safely (:func:`deformcli.output_file.writing`).
 
     Tensors are moved to CPU and made contiguous; tensors that share storage are written as
     separate copies (safetensors has no aliasing). ``metadata`` values that are not strings are
-    stored as JSON. Refuses to overwrite an existing file unless ``force``, and never writes
+    stored as JSON. Replaces an existing regular file only when ``force``, and never writes
     over a path in ``protect`` (the input checkpoint).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
-
-    output = Path(output)
-    for protected in protect:
-        if output.resolve() == Path(protected).resolve():
-            raise CheckpointError(f"{output}: refusing to overwrite the input checkpoint")
-    if output.exists() and not force:
-        raise CheckpointError(f"{output}: already exists; pass --force to overwrite it")
-    if output.is_dir():
-        raise CheckpointError(f"{output}: is a directory")
-    if not output.parent.exists():
-        raise CheckpointError(f"{output.parent}: output directory does not exist")
 
     tensors: dict[str, Tensor] = {}
     seen_storages: set[int] = set()
@@ -365,16 +451,9 @@ def save_safetensors(
         key: value if isinstance(value, str) else json.dumps(value)
         for key, value in metadata.items()
     }
-    descriptor, temporary = tempfile.mkstemp(
-        prefix=f".{output.name}.", suffix=".tmp", dir=output.parent
-    )
-    os.close(descriptor)
-    try:
-        save_file(tensors, temporary, metadata=text_metadata)
-        with open(temporary, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, output)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with writing(output, replace=force, inputs=protect) as temporary:
+        try:
+            save_file(tensors, temporary, metadata=text_metadata)
+        except SafetensorError as error:
+            raise OutputError(f"{output}: safetensors cannot write it ({error})") from None
     return output

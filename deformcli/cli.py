@@ -5,13 +5,17 @@ with ``--debug``).
 """
 
 import contextlib
+import functools
 import json
 import sys
-from collections.abc import Iterator
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -47,18 +51,70 @@ def _root(
 ) -> None:
     """deformcli: run models with deformable convolution anywhere torch runs."""
     _state["debug"] = debug
+    if not debug:
+        warnings.showwarning = _show_warning
 
 
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """Bad input becomes one red line and exit code 2 (full traceback with --debug)."""
-    try:
-        yield
-    except DeformcliError as error:
-        if _state["debug"]:
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each, without the source line Python shows (--debug keeps it)."""
+    error_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
+
+
+EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 3, 130
+
+
+def _command(function: Callable) -> Callable:
+    """Run a command so that it never ends in a traceback (unless --debug): bad input is one
+    line and exit 2, Ctrl-C exit 130, anything unexpected one line and exit 3. With --json the
+    error is a JSON object on stdout."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
             raise
-        error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+        except DeformcliError as error:
+            _fail(str(error) + _flag_hint(error), EXIT_BAD_INPUT, kwargs)
+        except KeyboardInterrupt:
+            _fail("interrupted", EXIT_INTERRUPTED, kwargs)
+        except (Exception, SystemExit) as error:
+            if type(error).__module__.split(".")[0] in ("click", "typer"):
+                raise  # usage errors: the command line's own message and exit code
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            _fail(
+                f"internal error: {type(error).__name__}: {first_line} (rerun with --debug for "
+                "the traceback, and please report it)",
+                EXIT_INTERNAL_ERROR,
+                kwargs,
+            )
+
+    return run
+
+
+def _flag_hint(error: DeformcliError) -> str:
+    """The library's errors state facts; the command line says which flag changes them."""
+    from deformcli.checkpoint import PickledObjectsError
+    from deformcli.output_file import OutputExistsError
+
+    if isinstance(error, OutputExistsError):
+        return "; pass --force to replace it"
+    if isinstance(error, PickledObjectsError):
+        return (
+            ". If you trust this file, pass --trust-pickle: unpickling can run arbitrary code "
+            "from the file"
+        )
+    return ""
+
+
+def _fail(message: str, code: int, options: dict) -> None:
+    if _state["debug"]:
+        traceback.print_exc()
+    if options.get("as_json"):
+        typer.echo(json.dumps({"error": message, "exit_code": code}))
+    else:
+        error_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
 
 
 @contextlib.contextmanager
@@ -91,6 +147,7 @@ def _parse_shape(text: str, option: str, dims: int | None = None) -> tuple[int, 
 
 
 @app.command()
+@_command
 def inspect(
     checkpoint: Path = typer.Argument(..., help="A .pth/.pt/.ckpt/.bin or .safetensors file."),
     trust_pickle: bool = typer.Option(
@@ -110,7 +167,7 @@ def inspect(
         load_checkpoint,
     )
 
-    with _user_errors(), _steps(not as_json) as step:
+    with _steps(not as_json) as step:
         step(f"loading {checkpoint.name}")
         loaded = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
     layers = find_deformable_layers(loaded.state_dict, loaded.saved_devices)
@@ -169,6 +226,7 @@ def inspect(
 
 
 @app.command()
+@_command
 def convert(
     checkpoint: Path = typer.Argument(..., help="The CUDA-trained checkpoint."),
     output: Path | None = typer.Option(
@@ -202,7 +260,7 @@ def convert(
     """
     from deformcli.convert import convert as run_convert
 
-    with _user_errors(), _steps(not as_json) as step:
+    with _steps(not as_json) as step:
         result = run_convert(
             checkpoint,
             output,
@@ -284,6 +342,7 @@ def _print_comparison(verification) -> None:
 
 
 @app.command()
+@_command
 def verify(
     path: Path | None = typer.Argument(
         None, help="A converted file to check against its model (needs --model)."
@@ -325,14 +384,11 @@ def verify(
             console.print("[green]all passed[/]" if passed else "[bold red]FAILED[/]")
         raise typer.Exit(EXIT_OK if passed else EXIT_VERIFICATION_FAILED)
 
-    with _user_errors():
-        if model is None:
-            raise DeformcliError("verify PATH needs --model to build the network to check")
-        from deformcli.convert import verify_file
+    if model is None:
+        raise DeformcliError("verify PATH needs --model to build the network to check")
+    from deformcli.convert import verify_file
 
-        comparison = verify_file(
-            path, model, model_kwargs, _parse_shape(input_shape, "--input-shape")
-        )
+    comparison = verify_file(path, model, model_kwargs, _parse_shape(input_shape, "--input-shape"))
     if as_json:
         _print_json(comparison.to_dict())
     else:
@@ -358,6 +414,7 @@ def _progress(enabled: bool, label: str, total: int) -> Iterator:
 
 
 @app.command()
+@_command
 def bench(
     preset: str = typer.Option(
         "dbnet-layers", "--preset", help="dbnet-layers (four DBNet layers) or dbnet (whole model)."
@@ -383,40 +440,39 @@ def bench(
 
     from deformcli import bench as benchmarks
 
-    with _user_errors():
-        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-            raise DeformcliError(f"--dtype {dtype!r}: choose float32, float16, bfloat16, float64")
-        torch_dtype = getattr(torch, dtype)
-        if shape is not None:
-            shapes = [_parse_shape(shape, "--shape", dims=4)]
-        elif preset == "dbnet-layers":
-            shapes = benchmarks.DBNET_LAYER_SHAPES
-        elif preset == "dbnet":
-            shapes = []
-        else:
-            raise DeformcliError(f"--preset {preset!r}: choose dbnet-layers or dbnet")
-        rows = []
-        with _progress(not as_json, "bench", max(len(shapes), 1)) as advance:
-            if shapes:
-                for layer_shape in shapes:
-                    timing = benchmarks.time_layer(
-                        layer_shape, torch_dtype, device, backward=backward, rounds=rounds
-                    )
-                    row = timing.to_dict()
-                    if memory and device == "cpu":
-                        row["peak_mib"] = {
-                            name: benchmarks.peak_memory_mib(name, layer_shape, dtype)
-                            for name in benchmarks.IMPLEMENTATIONS
-                        }
-                    rows.append(row)
-                    advance()
-            else:
-                rows.append(
-                    benchmarks.time_model(
-                        torch_dtype, device, backward=backward, rounds=rounds
-                    ).to_dict()
+    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+        raise DeformcliError(f"--dtype {dtype!r}: choose float32, float16, bfloat16, float64")
+    torch_dtype = getattr(torch, dtype)
+    if shape is not None:
+        shapes = [_parse_shape(shape, "--shape", dims=4)]
+    elif preset == "dbnet-layers":
+        shapes = benchmarks.DBNET_LAYER_SHAPES
+    elif preset == "dbnet":
+        shapes = []
+    else:
+        raise DeformcliError(f"--preset {preset!r}: choose dbnet-layers or dbnet")
+    rows = []
+    with _progress(not as_json, "bench", max(len(shapes), 1)) as advance:
+        if shapes:
+            for layer_shape in shapes:
+                timing = benchmarks.time_layer(
+                    layer_shape, torch_dtype, device, backward=backward, rounds=rounds
                 )
+                row = timing.to_dict()
+                if memory and device == "cpu":
+                    row["peak_mib"] = {
+                        name: benchmarks.peak_memory_mib(name, layer_shape, dtype)
+                        for name in benchmarks.IMPLEMENTATIONS
+                    }
+                rows.append(row)
                 advance()
+        else:
+            rows.append(
+                benchmarks.time_model(
+                    torch_dtype, device, backward=backward, rounds=rounds
+                ).to_dict()
+            )
+            advance()
     title = (
         f"median ms over {rounds} rounds, {device}, {dtype}, "
         f"{'forward+backward' if backward else 'forward'}"
@@ -424,8 +480,7 @@ def bench(
     if plot is not None:
         from deformcli.plot import plot_timings
 
-        with _user_errors():
-            plot_timings(rows, plot, f"{_machine(device)}: {title}")
+        plot_timings(rows, plot, f"{_machine(device)}: {title}")
     if as_json:
         _print_json(rows)
         return
@@ -467,6 +522,7 @@ def bench(
 
 
 @app.command("export")
+@_command
 def export_command(
     checkpoint: Path = typer.Argument(..., help="A checkpoint or a converted .safetensors file."),
     model: str = typer.Option(..., "--model", help="Model factory 'package.module:function'."),
@@ -490,7 +546,7 @@ def export_command(
     """
     from deformcli.export import export_checkpoint
 
-    with _user_errors(), _steps(not as_json) as step:
+    with _steps(not as_json) as step:
         step("exporting to ONNX")
         report = export_checkpoint(
             checkpoint,
@@ -517,6 +573,7 @@ def export_command(
 
 
 @app.command()
+@_command
 def demo(
     out_dir: Path = typer.Option(Path("deformcli-demo"), "--out-dir", help="Where files go."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -528,7 +585,7 @@ def demo(
     """
     from deformcli.demo import run_demo
 
-    with _user_errors(), _steps(not as_json) as step:
+    with _steps(not as_json) as step:
         report = run_demo(out_dir, step=step)
     if as_json:
         _print_json(report)

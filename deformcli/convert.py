@@ -23,6 +23,7 @@ from deformcli.checkpoint import (
 )
 from deformcli.errors import CheckpointError
 from deformcli.families.legacy_dcn import KernelReadWarning
+from deformcli.output_file import check_output
 from deformcli.surgery import SwapRecord, swap
 from deformcli.user_model import build_model, fit_state_dict, name_layers, user_code
 from deformcli.verify import ModelComparison, check_layer_weights, compare_models, reference_model
@@ -122,10 +123,9 @@ def convert(
     step = step or (lambda _message: None)
     source = Path(source)
     output = Path(output) if output is not None else default_output_path(source)
-    if output.exists() and not force:
-        raise CheckpointError(f"{output}: already exists; pass --force to overwrite it")
+    check_output(output, replace=force, inputs=(source,))
     if dtype is not None and dtype not in DTYPES:
-        raise CheckpointError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+        raise CheckpointError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     target_dtype = DTYPES[dtype] if dtype else None
 
     step(f"loading {source.name}")

@@ -148,24 +148,22 @@ def export_checkpoint(
     """``deformcli export``: checkpoint (or converted safetensors) + model factory -> ONNX,
     checked in onnxruntime against PyTorch on the example shape and a second, different one."""
     from deformcli.checkpoint import load_checkpoint
+    from deformcli.output_file import check_output, writing
     from deformcli.surgery import swap
     from deformcli.user_model import build_model, fit_state_dict, user_code
 
-    output = Path(output)
-    if output.exists() and not force:
-        raise DeformcliError(f"{output}: already exists; pass --force to overwrite it")
+    output = check_output(output, replace=force, inputs=(source,))
     if len(input_shape) != 4:
         raise DeformcliError(f"--input-shape {input_shape}: expected N,C,H,W")
     batch, channels, height, width = input_shape
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(max(batch, 2), channels, height, width, generator=generator)
-    temporary = output.with_name(f".{output.name}.tmp")
     with user_code():
         network = build_model(model, model_kwargs)
         fit_state_dict(network, load_checkpoint(source, trust_pickle=trust_pickle).state_dict)
         swap(network)
         network = network.to("cpu", torch.float32).eval()
-        try:
+        with writing(output, replace=force, inputs=(source,)) as temporary:
             export_onnx(network, example, temporary, graph=graph)
             other = torch.randn(1, channels, height + 32, width + 64, generator=generator)
             error = onnxruntime_max_error(temporary, network, [example, other])
@@ -174,9 +172,6 @@ def export_checkpoint(
                     f"onnxruntime differs from PyTorch by {error:.2e} (> {tolerance:g}); "
                     "nothing written"
                 )
-            temporary.replace(output)
-        finally:
-            temporary.unlink(missing_ok=True)
     return {
         "output": str(output),
         "graph": graph,

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from deformcli.errors import DeformcliError
+from deformcli.output_file import check_output, writing
 
 IMPLEMENTATION_COLUMNS = (
     ("deformcli_ms", "deformcli"),
@@ -11,7 +12,7 @@ IMPLEMENTATION_COLUMNS = (
 )
 
 
-def plot_timings(rows: list[dict], output: str | Path, title: str) -> Path:
+def plot_timings(rows: list[dict], output: str | Path, title: str, replace: bool = False) -> Path:
     """Grouped bars, one group per shape, median milliseconds of each implementation, with the
     speedup over torchvision written above each group. Writes a PNG (or any format matplotlib
     infers from the suffix)."""
@@ -22,9 +23,7 @@ def plot_timings(rows: list[dict], output: str | Path, title: str) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise DeformcliError("--plot needs matplotlib: pip install 'deformcli[plot]'") from None
-    output = Path(output)
-    if not output.parent.exists():
-        raise DeformcliError(f"{output.parent}: output directory does not exist")
+    output = check_output(output, replace=replace)
     figure, axes = plt.subplots(figsize=(1.8 + 2.2 * len(rows), 4.2), dpi=120)
     width = 0.8 / len(IMPLEMENTATION_COLUMNS)
     for index, (key, label) in enumerate(IMPLEMENTATION_COLUMNS):
@@ -46,6 +45,12 @@ def plot_timings(rows: list[dict], output: str | Path, title: str) -> Path:
     axes.set_title(title, fontsize=9)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(output)
-    plt.close(figure)
+    try:
+        with writing(output, replace=replace) as temporary:
+            try:
+                figure.savefig(temporary)  # the format follows the suffix
+            except ValueError as error:
+                raise DeformcliError(f"{output}: {error}") from None
+    finally:
+        plt.close(figure)
     return output

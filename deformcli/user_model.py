@@ -55,7 +55,7 @@ def build_model(factory: Factory, kwargs: str | dict | None = None) -> nn.Module
     kwargs = _parse_kwargs(kwargs)
     with user_code():
         if isinstance(factory, str):
-            label = f"--model {factory!r}"
+            label = f"model factory {factory!r}"
             call = _import_factory(factory)
         else:
             label = getattr(factory, "__qualname__", repr(factory))
@@ -80,25 +80,26 @@ def _parse_kwargs(kwargs: str | dict | None) -> dict:
         try:
             kwargs = json.loads(kwargs) if kwargs.strip() else {}
         except json.JSONDecodeError as error:
-            raise ModelError(f"--model-kwargs is not valid JSON: {error}") from None
+            raise ModelError(f"model keyword arguments are not valid JSON: {error}") from None
     if not isinstance(kwargs, dict):
-        raise ModelError(f"--model-kwargs must be a JSON object, got {type(kwargs).__name__}")
+        kind = type(kwargs).__name__
+        raise ModelError(f"model keyword arguments must be a JSON object, got {kind}")
     return kwargs
 
 
 def _import_factory(spec: str) -> Callable[..., nn.Module]:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise ModelError(f"--model {spec!r}: expected 'package.module:factory'")
+        raise ModelError(f"model factory {spec!r}: expected 'package.module:factory'")
     try:
         module = importlib.import_module(module_name)
     except (Exception, SystemExit) as error:
         raise ModelError(
-            f"--model {spec!r}: cannot import {module_name!r}: {_describe(error)}"
+            f"model factory {spec!r}: cannot import {module_name!r}: {_describe(error)}"
         ) from None
     factory = getattr(module, attribute, None)
     if factory is None or not callable(factory):
-        raise ModelError(f"--model {spec!r}: {module_name} has no callable {attribute!r}")
+        raise ModelError(f"model factory {spec!r}: {module_name} has no callable {attribute!r}")
     return factory
 
 

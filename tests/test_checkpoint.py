@@ -9,10 +9,16 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from deformcli.checkpoint import find_deformable_layers, load_checkpoint, save_safetensors
+from deformcli.checkpoint import (
+    PickledObjectsError,
+    find_deformable_layers,
+    load_checkpoint,
+    save_safetensors,
+)
 from deformcli.errors import CheckpointError
 from deformcli.families import mmcv
 from deformcli.models.dbnet import build_dbnet
+from deformcli.output_file import OutputError, OutputExistsError
 
 
 class _RunsCode:
@@ -62,10 +68,17 @@ def test_legacy_format_and_safetensors(tmp_path):
 def test_unpickles_no_code_by_default(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "evil.pth"
-    with open(path, "wb") as file:
-        pickle.dump({"state_dict": _RunsCode(marker)}, file)
-    with pytest.raises(CheckpointError, match=r"weights-only load.*--trust-pickle.*arbitrary code"):
+    # A torch file (legacy format) whose pickle names a global: a pickle of objects.
+    torch.save({"state_dict": _RunsCode(marker)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(PickledObjectsError, match=r"pickled Python objects.*weights-only load"):
         load_checkpoint(path)
+    # A plain pickle is not a torch checkpoint at all: trusting it could only run its code.
+    plain = tmp_path / "plain.pth"
+    for protocol in (2, pickle.DEFAULT_PROTOCOL):
+        plain.write_bytes(pickle.dumps({"state_dict": _RunsCode(marker)}, protocol=protocol))
+        with pytest.raises(CheckpointError, match="plain Python pickle") as error:
+            load_checkpoint(plain, trust_pickle=True)
+        assert not isinstance(error.value, PickledObjectsError)
     assert not marker.exists()
 
 
@@ -88,7 +101,7 @@ def test_whole_pickled_model_needs_trust(tmp_path):
         (lambda p: p.write_bytes(b""), r"file is empty \(0 bytes\)"),
         (
             lambda p: p.write_bytes(os.urandom(256)),
-            "not a plain checkpoint|could not be read as a torch",
+            r"not a checkpoint: neither a torch file \(zip or pickle\) nor safetensors",
         ),
         (
             lambda p: torch.save({"epoch": 1, "losses": [0.1]}, p),
@@ -159,12 +172,12 @@ def test_save_refuses_overwrite_and_input_and_handles_shared_tensors(tmp_path):
     with safe_open(str(out), "pt") as file:
         assert json.loads(file.metadata()["layers"]) == [1, 2]
         assert torch.equal(file.get_tensor("c"), torch.arange(3.0))
-    with pytest.raises(CheckpointError, match="already exists; pass --force"):
+    with pytest.raises(OutputExistsError, match=r"already exists$"):
         save_safetensors(state, out, {})
     save_safetensors(state, out, {}, force=True)
     source = tmp_path / "in.safetensors"
     source.write_bytes(out.read_bytes())
-    with pytest.raises(CheckpointError, match="refusing to overwrite the input"):
+    with pytest.raises(OutputError, match=r"is the input .*; refusing to overwrite it"):
         save_safetensors(state, source, {}, force=True, protect=(source,))
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 

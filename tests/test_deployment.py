@@ -121,7 +121,7 @@ def test_export_command(tmp_path, monkeypatch):
     again = CliRunner().invoke(
         app, ["export", str(checkpoint), "--model", "tiny_model:build_tiny", "-o", str(out)]
     )
-    assert again.exit_code == 2 and "already exists" in again.output
+    assert again.exit_code == 2 and "already exists; pass --force" in " ".join(again.output.split())
 
 
 def test_torchscript_of_a_model_with_our_layers():
