@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from deformcli.ops import deform_conv2d
+from deformcli.validation import check_allocation
 
 # The deformable layers of DBNet (ResNet stages 2-4 at 640x640 input, and a larger map).
 DBNET_LAYER_SHAPES: list[tuple[int, int, int, int]] = [
@@ -70,9 +71,15 @@ def make_layer_inputs(
     requires_grad: bool = False,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Input, offset, mask and weight of a DBNet-style 3x3 DCNv2 layer (C_in = C_out)."""
-    generator = torch.Generator().manual_seed(seed)
+    """Input, offset, mask and weight of a DBNet-style 3x3 DCNv2 layer (C_in = C_out).
+
+    Raises InputError when the shape is not four positive sizes or its tensors (the input, or
+    the ``(C, C, 3, 3)`` weight) would not fit in memory.
+    """
     batch, channels, height, width = shape
+    check_allocation(shape, dtype, "layer shape")
+    check_allocation((channels, channels, 3, 3), dtype, f"layer shape {list(shape)}: weight")
+    generator = torch.Generator().manual_seed(seed)
     tensors = {
         "input": torch.randn(batch, channels, height, width, generator=generator),
         "offset": torch.randn(batch, 18, height, width, generator=generator),

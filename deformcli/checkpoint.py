@@ -29,6 +29,7 @@ __all__ = [
     "find_deformable_layers",
     "find_deformable_modules",
     "load_checkpoint",
+    "load_tensor",
     "save_safetensors",
     "sha256_of",
 ]
@@ -139,6 +140,24 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Load
             for key, tensor in state_dict.items()
         },
     )
+
+
+def load_tensor(path: str | os.PathLike) -> Tensor:
+    """One tensor saved with ``torch.save`` (alone or as the only entry of a dict) or the only
+    tensor of a safetensors file, read as safely as :func:`load_checkpoint` reads."""
+    path = Path(path)
+    _check_readable(path)
+    file_format = sniff_format(path)
+    if file_format == "safetensors":
+        obj: object = _load_safetensors(path)
+    else:
+        obj, _ = _load_torch(path, file_format, trust_pickle=False)
+    if isinstance(obj, Mapping) and len(obj) == 1:
+        obj = next(iter(obj.values()))
+    if not isinstance(obj, Tensor):
+        found = f"{len(obj)} entries" if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(f"{path}: expected one saved tensor, found {found}")
+    return obj
 
 
 def _check_readable(path: Path) -> None:

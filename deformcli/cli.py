@@ -21,6 +21,7 @@ from rich.table import Table
 
 from deformcli import __version__
 from deformcli.errors import DeformcliError
+from deformcli.validation import parse_device, parse_dtype, parse_shape
 
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -113,7 +114,9 @@ def _fail(message: str, code: int, options: dict) -> None:
     if options.get("as_json"):
         typer.echo(json.dumps({"error": message, "exit_code": code}))
     else:
-        error_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+        error_console.print(
+            f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True
+        )
     raise typer.Exit(code)
 
 
@@ -124,23 +127,11 @@ def _steps(enabled: bool) -> Iterator:
         yield lambda _message: None
         return
     with console.status("starting") as status:
-        yield lambda message: status.update(f"{message}...")
+        yield lambda message: status.update(f"{escape(message)}...")
 
 
 def _print_json(payload: object) -> None:
     typer.echo(json.dumps(payload, indent=2, default=str))
-
-
-def _parse_shape(text: str, option: str, dims: int | None = None) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
-    except ValueError:
-        raise DeformcliError(f"{option} {text!r}: expected integers like 1,3,640,640") from None
-    if (dims is not None and len(shape) != dims) or any(size <= 0 for size in shape):
-        raise DeformcliError(
-            f"{option} {text!r}: expected {dims or 'some'} positive integers like 1,3,640,640"
-        )
-    return shape
 
 
 # ---------------------------------------------------------------------------------- inspect
@@ -190,13 +181,13 @@ def inspect(
         _print_json(summary)
         return
     console.print(
-        f"[bold]{loaded.path}[/] ({loaded.format}, {summary['tensors']} tensors, "
+        f"[bold]{escape(str(loaded.path))}[/] ({loaded.format}, {summary['tensors']} tensors, "
         f"{summary['parameters']:,} values, {total_bytes / 2**20:.1f} MiB, saved on "
         f"{', '.join(summary['saved_on'])})",
         highlight=False,
     )
     for note in loaded.notes:
-        console.print(f"  - {note}", highlight=False)
+        console.print(f"  - {escape(note)}", highlight=False)
     if not layers:
         console.print("No deformable layers recognised from the tensors alone.")
         return
@@ -218,8 +209,9 @@ def inspect(
         width = max(len(header), *(len(row[index]) for row in rows))
         table.add_column(header, no_wrap=True, min_width=width)
     for row in rows:
-        table.add_row(*row)
-    console.print(table)
+        table.add_row(*map(escape, row))
+    # Piped output is not cut to 80 columns: the table is as wide as its content.
+    console.print(table, width=None if console.is_terminal else 10_000)
 
 
 # ---------------------------------------------------------------------------------- convert
@@ -266,7 +258,7 @@ def convert(
             output,
             model=model,
             model_kwargs=model_kwargs,
-            input_shape=_parse_shape(input_shape, "--input-shape"),
+            input_shape=parse_shape(input_shape, "--input-shape"),
             input_path=input_file,
             dtype=dtype,
             trust_pickle=trust_pickle,
@@ -284,16 +276,23 @@ def convert(
 
 def _print_conversion(result) -> None:
     for note in result.notes:
-        console.print(f"  - {note}", highlight=False)
+        console.print(f"  - {escape(note)}", highlight=False)
     swapped = [r for r in result.swapped if r.swapped]
     for record in result.swapped:
         if not record.swapped:
-            console.print(f"  [yellow]skipped[/] {record.path}: {record.skipped_reason}")
+            console.print(
+                f"  [yellow]skipped[/] {escape(record.path)}: {escape(record.skipped_reason)}"
+            )
     if swapped:
         console.print(
-            f"Swapped {len(swapped)} layer(s): {swapped[0].source} -> {swapped[0].target}"
-            + (" ..." if len(swapped) > 1 else ""),
+            f"Swapped {len(swapped)} layer(s): {escape(swapped[0].source)} -> "
+            f"{escape(str(swapped[0].target))}" + (" ..." if len(swapped) > 1 else ""),
             highlight=False,
+        )
+    elif result.deformcli_layers:
+        console.print(
+            f"{len(result.deformcli_layers)} deformable layer(s) already deformcli's (the model "
+            "was built with the import shims): nothing to swap."
         )
     elif result.layers:
         console.print(f"{len(result.layers)} deformable layer(s) found in the tensors.")
@@ -303,7 +302,7 @@ def _print_conversion(result) -> None:
     else:
         console.print("Verification skipped.")
     if result.output is not None:
-        console.print(f"Wrote [bold]{result.output}[/]", highlight=False)
+        console.print(f"Wrote [bold]{escape(str(result.output))}[/]", highlight=False)
     else:
         console.print("Nothing written (verification failed; --force writes anyway).")
 
@@ -322,12 +321,15 @@ def _print_comparison(verification) -> None:
     for column in ("layer", "max abs error", "max rel error"):
         table.add_column(column)
     for layer in verification.layers:
-        table.add_row(layer.path, f"{layer.max_abs:.3e}", f"{layer.max_rel:.3e}")
-    if not weights_only:
+        table.add_row(escape(layer.path), f"{layer.max_abs:.3e}", f"{layer.max_rel:.3e}")
+    if not weights_only and (verification.layers or not verification.problems):
         table.add_row(
             "[bold]end to end[/]", f"{verification.max_abs:.3e}", f"{verification.max_rel:.3e}"
         )
-    console.print(table)
+    if table.row_count:
+        console.print(table)
+    for problem in verification.problems:
+        console.print(f"[bold red]problem:[/] {escape(problem)}", highlight=False)
     verdict = "[green]passed[/]" if verification.passed else "[bold red]FAILED[/]"
     if weights_only:
         console.print(
@@ -352,6 +354,14 @@ def verify(
     ),
     model_kwargs: str | None = typer.Option(None, "--model-kwargs", help="JSON keyword arguments."),
     input_shape: str = typer.Option("1,3,640,640", "--input-shape", help="Sample input N,C,H,W."),
+    input_file: Path | None = typer.Option(
+        None, "--input", help="A saved tensor to verify on instead of a random sample."
+    ),
+    trust_pickle: bool = typer.Option(
+        False,
+        "--trust-pickle",
+        help="Allow unpickling arbitrary objects (runs code from the file).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Prove equivalence: with no argument, our op against torchvision's on this machine.
@@ -388,14 +398,18 @@ def verify(
         raise DeformcliError("verify PATH needs --model to build the network to check")
     from deformcli.convert import verify_file
 
-    comparison = verify_file(path, model, model_kwargs, _parse_shape(input_shape, "--input-shape"))
+    comparison = verify_file(
+        path,
+        model,
+        model_kwargs,
+        parse_shape(input_shape, "--input-shape"),
+        trust_pickle=trust_pickle,
+        input_path=input_file,
+    )
     if as_json:
         _print_json(comparison.to_dict())
     else:
-        console.print(
-            f"max abs error {comparison.max_abs:.3e}, max rel error {comparison.max_rel:.3e}: "
-            + ("[green]passed[/]" if comparison.passed else "[bold red]FAILED[/]")
-        )
+        _print_comparison(comparison)
     raise typer.Exit(EXIT_OK if comparison.passed else EXIT_VERIFICATION_FAILED)
 
 
@@ -436,15 +450,12 @@ def bench(
 
     Example: deformcli bench --preset dbnet-layers --backward
     """
-    import torch
-
     from deformcli import bench as benchmarks
 
-    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-        raise DeformcliError(f"--dtype {dtype!r}: choose float32, float16, bfloat16, float64")
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = parse_dtype(dtype)
+    device = str(parse_device(device))
     if shape is not None:
-        shapes = [_parse_shape(shape, "--shape", dims=4)]
+        shapes = [parse_shape(shape, "--shape")]
     elif preset == "dbnet-layers":
         shapes = benchmarks.DBNET_LAYER_SHAPES
     elif preset == "dbnet":
@@ -553,7 +564,7 @@ def export_command(
             output,
             model,
             model_kwargs,
-            _parse_shape(input_shape, "--input-shape", dims=4),
+            parse_shape(input_shape, "--input-shape"),
             graph,
             trust_pickle,
             force,
@@ -562,8 +573,8 @@ def export_command(
         _print_json(report)
     else:
         console.print(
-            f"Wrote [bold]{report['output']}[/] (opset {report['opset']}, {graph} graph, dynamic "
-            f"batch/height/width); onnxruntime vs PyTorch max abs error "
+            f"Wrote [bold]{escape(report['output'])}[/] (opset {report['opset']}, {graph} graph, "
+            "dynamic batch/height/width); onnxruntime vs PyTorch max abs error "
             f"{report['onnxruntime_max_abs_error']:.2e}",
             highlight=False,
         )
@@ -591,13 +602,13 @@ def demo(
         _print_json(report)
     else:
         console.print(
-            f"1. Saved a CUDA-style DBNet checkpoint: [bold]{report['checkpoint']}[/]",
+            f"1. Saved a CUDA-style DBNet checkpoint: [bold]{escape(report['checkpoint'])}[/]",
             highlight=False,
         )
         console.print(f"   ({report['layers_found']} deformable layers found in its tensors)")
         verification = report["conversion"]["verification"]
         console.print(
-            f"2. Converted to [bold]{report['conversion']['output']}[/]: "
+            f"2. Converted to [bold]{escape(report['conversion']['output'])}[/]: "
             f"{len(report['conversion']['swapped'])} layers swapped, end-to-end max rel error "
             f"{verification['max_rel']:.2e} ({'passed' if verification['passed'] else 'FAILED'})",
             highlight=False,
@@ -612,7 +623,8 @@ def demo(
         )
         console.print(
             "Next: deformcli inspect / convert your own checkpoint, with "
-            f"--model deformcli.models.dbnet:build_dbnet as a pattern. Files are in {out_dir}/",
+            "--model deformcli.models.dbnet:build_dbnet as a pattern. Files are in "
+            f"{escape(str(out_dir))}/",
             highlight=False,
         )
     if not report["conversion"]["verification"]["passed"]:
@@ -630,7 +642,17 @@ def _machine(device: str) -> str:
 
 
 def main() -> None:
-    app()
+    """The ``deformcli`` executable. ``--debug`` may stand anywhere on the command line (before
+    a ``--``): it is moved to the front, where the root callback takes it."""
+    arguments = sys.argv[1:]
+    end = arguments.index("--") if "--" in arguments else len(arguments)
+    if "--debug" in arguments[:end]:
+        arguments = ["--debug", *(a for a in arguments[:end] if a != "--debug"), *arguments[end:]]
+    try:
+        app(args=arguments, prog_name="deformcli")
+    except KeyboardInterrupt:
+        error_console.print("[bold red]error:[/] interrupted", highlight=False)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,14 @@ from deformcli.checkpoint import (
     DeformableLayerInfo,
     find_deformable_layers,
     load_checkpoint,
+    load_tensor,
     save_safetensors,
 )
-from deformcli.errors import CheckpointError
 from deformcli.families.legacy_dcn import KernelReadWarning
 from deformcli.output_file import check_output
 from deformcli.surgery import SwapRecord, swap
 from deformcli.user_model import build_model, fit_state_dict, name_layers, user_code
+from deformcli.validation import InputError, check_allocation, parse_dtype
 from deformcli.verify import ModelComparison, check_layer_weights, compare_models, reference_model
 
 __all__ = [
@@ -36,13 +37,6 @@ __all__ = [
     "verify_file",
 ]
 
-DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
-
 
 @dataclass
 class ConversionResult:
@@ -52,6 +46,9 @@ class ConversionResult:
     swapped: list[SwapRecord]
     verification: ModelComparison | None
     notes: list[str] = field(default_factory=list)
+    #: Paths of the model's deformcli layers after conversion (swapped, or built as ours under
+    #: the import shims); empty without a model.
+    deformcli_layers: list[str] = field(default_factory=list)
 
     @property
     def verified(self) -> bool:
@@ -63,6 +60,7 @@ class ConversionResult:
             "output": str(self.output) if self.output else None,
             "layers": [layer.to_dict() for layer in self.layers],
             "swapped": [vars(record) for record in self.swapped],
+            "deformcli_layers": self.deformcli_layers,
             "verification": self.verification.to_dict() if self.verification else None,
             "notes": self.notes,
         }
@@ -73,31 +71,15 @@ def default_output_path(source: Path) -> Path:
 
 
 def _sample_input(input_shape: tuple[int, ...], input_path: Path | None, dtype) -> Tensor:
+    """The verification sample: a fixed-seed ``randn`` of ``input_shape``, or the saved tensor."""
     if input_path is None:
+        check_allocation(input_shape, dtype, "input shape")
         generator = torch.Generator().manual_seed(0)
-        return torch.randn(input_shape, generator=generator).to(dtype)
-    loaded = load_checkpoint_tensor(input_path)
+        return torch.randn(input_shape, generator=generator, dtype=torch.float32).to(dtype)
+    loaded = load_tensor(input_path)
+    if not loaded.is_floating_point():
+        raise InputError(f"{input_path}: the input tensor has dtype {loaded.dtype}, not floating")
     return loaded.to(dtype)
-
-
-def load_checkpoint_tensor(path: Path) -> Tensor:
-    """A single tensor saved with ``torch.save`` (or a safetensors file with one tensor)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such input file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            tensors = list(load_file(str(path)).values())
-            value = tensors[0] if len(tensors) == 1 else None
-        else:
-            value = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"{path}: cannot read the input tensor ({error})") from None
-    if not isinstance(value, Tensor):
-        raise CheckpointError(f"{path}: expected one saved tensor, found {type(value).__name__}")
-    return value
 
 
 def convert(
@@ -124,9 +106,7 @@ def convert(
     source = Path(source)
     output = Path(output) if output is not None else default_output_path(source)
     check_output(output, replace=force, inputs=(source,))
-    if dtype is not None and dtype not in DTYPES:
-        raise CheckpointError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
-    target_dtype = DTYPES[dtype] if dtype else None
+    target_dtype = parse_dtype(dtype) if dtype else None
 
     step(f"loading {source.name}")
     checkpoint = load_checkpoint(source, trust_pickle=trust_pickle)
@@ -138,6 +118,7 @@ def convert(
 
     swapped: list[SwapRecord] = []
     verification = None
+    deformcli_layers: list[str] = []
     if model is not None or checkpoint.module is not None:
         with user_code():
             if model is not None:
@@ -148,7 +129,7 @@ def convert(
                 notes.append("using the model pickled in the checkpoint")
             _, fit_notes = fit_state_dict(network, checkpoint.state_dict)
             notes.extend(fit_notes)
-            network = network.to("cpu", target_dtype or _floating_dtype(network)).eval()
+            network = network.to("cpu", _verification_dtype(target_dtype, network)).eval()
             step("swapping deformable layers" + (" and verifying" if verify else ""))
             sample = None
             if verify:
@@ -159,22 +140,25 @@ def convert(
                 warnings.simplefilter("always", KernelReadWarning)
                 swapped, verification = swap_and_compare(network, sample, tolerance)
             notes.extend(_kernel_read_notes(caught))
-        if not any(r.swapped for r in swapped) and not _deformcli_layer_paths(network):
+        deformcli_layers = _deformcli_layer_paths(network)
+        if not deformcli_layers:
             notes.append("the model has no deformable layers that deformcli recognises")
-        state_dict = network.state_dict()
+        state_dict = _cast(network.state_dict(), target_dtype)
+        if target_dtype is not None and target_dtype != _floating_dtype(network):
+            notes.append(
+                f"verified in {_dtype_name(_floating_dtype(network))} (torchvision's CPU kernel, "
+                f"the reference, has no {_dtype_name(target_dtype)}); weights written as "
+                f"{_dtype_name(target_dtype)}"
+            )
     else:
-        state_dict = checkpoint.state_dict
-        if target_dtype is not None:
-            state_dict = {
-                k: v.to(target_dtype) if v.is_floating_point() else v for k, v in state_dict.items()
-            }
+        state_dict = _cast(checkpoint.state_dict, target_dtype)
         if verify and layers:
             step("checking each deformable layer's weights against torchvision's kernel")
             verification = check_layer_weights(
                 state_dict, [layer.name for layer in layers], tolerance=tolerance or 1e-4
             )
 
-    result = ConversionResult(source, None, layers, swapped, verification, notes)
+    result = ConversionResult(source, None, layers, swapped, verification, notes, deformcli_layers)
     if not result.verified and not force:
         return result
     step(f"writing {output.name}")
@@ -186,6 +170,7 @@ def convert(
         "source_sha256": checkpoint.sha256,
         "deformable_layers": [layer.to_dict() for layer in layers],
         "swapped_layers": [r.path for r in swapped if r.swapped],
+        "deformcli_layers": deformcli_layers,
         "verification": verification.to_dict() if verification else "skipped",
     }
     result.output = save_safetensors(state_dict, output, metadata, force=force, protect=(source,))
@@ -213,15 +198,23 @@ def verify_file(
     model_kwargs: str | None = None,
     input_shape: tuple[int, ...] = (1, 3, 640, 640),
     trust_pickle: bool = False,
+    input_path: str | Path | None = None,
 ) -> ModelComparison:
     """``deformcli verify PATH --model``: a converted (or original) file in the user's model,
-    deformcli's layers against torchvision's kernel on a fixed-seed sample."""
+    deformcli's layers against torchvision's kernel on a fixed-seed sample of ``input_shape``
+    (or the tensor saved at ``input_path``)."""
     with user_code():
         network = build_model(model, model_kwargs)
         fit_state_dict(network, load_checkpoint(path, trust_pickle=trust_pickle).state_dict)
         network = network.to("cpu").eval()
-        sample = _sample_input(input_shape, None, _floating_dtype(network))
-        _, comparison = swap_and_compare(network, sample)
+        sample = _sample_input(
+            input_shape, Path(input_path) if input_path else None, _floating_dtype(network)
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", KernelReadWarning)
+            _, comparison = swap_and_compare(network, sample)
+        for note in _kernel_read_notes(caught):
+            warnings.warn(note, KernelReadWarning, stacklevel=2)
     return comparison
 
 
@@ -237,6 +230,24 @@ def _kernel_read_notes(caught: list[warnings.WarningMessage]) -> list[str]:
         elif str(warning.message) not in notes:
             notes.append(str(warning.message))
     return notes
+
+
+def _verification_dtype(target: torch.dtype | None, model: nn.Module) -> torch.dtype:
+    """The dtype to verify in: the target, except half precision, which torchvision's CPU
+    kernel lacks (bfloat16) or runs at a crawl (float16): verify in float32, then cast."""
+    if target in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return target or _floating_dtype(model)
+
+
+def _cast(state_dict: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    if dtype is None:
+        return state_dict
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _floating_dtype(model: nn.Module) -> torch.dtype:

@@ -18,10 +18,14 @@ from torch import Tensor, nn
 
 from deformcli.errors import DeformcliError
 
-__all__ = ["ONNX_OPSET", "export_onnx"]
+__all__ = ["ONNX_OPSET", "ExportError", "export_checkpoint", "export_onnx"]
 
 ONNX_OPSET = 20
 GRAPHS = ("standard", "native")
+
+
+class ExportError(DeformcliError):
+    """The model could not be exported, or the export does not match it."""
 
 
 def _deform_conv_translation():
@@ -95,7 +99,7 @@ def export_onnx(
 
         from deformcli.verify import reference_model
 
-        model = reference_model(model)
+        model = reference_model(model, refuse_non_finite=False)
         translation = {torch.ops.torchvision.deform_conv2d.default: _deform_conv_translation()}
     dynamic = {0: "batch", 2: "height", 3: "width"}
     model = model.eval()
@@ -151,11 +155,14 @@ def export_checkpoint(
     from deformcli.output_file import check_output, writing
     from deformcli.surgery import swap
     from deformcli.user_model import build_model, fit_state_dict, user_code
+    from deformcli.validation import check_allocation
+    from deformcli.verify import naming_failures
 
     output = check_output(output, replace=force, inputs=(source,))
     if len(input_shape) != 4:
         raise DeformcliError(f"--input-shape {input_shape}: expected N,C,H,W")
     batch, channels, height, width = input_shape
+    check_allocation((max(batch, 2), channels, height, width), torch.float32, "input shape")
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(max(batch, 2), channels, height, width, generator=generator)
     with user_code():
@@ -163,12 +170,24 @@ def export_checkpoint(
         fit_state_dict(network, load_checkpoint(source, trust_pickle=trust_pickle).state_dict)
         swap(network)
         network = network.to("cpu", torch.float32).eval()
+        # Run it once first: a model that cannot take the example fails here, named, not
+        # hundreds of lines deep inside the exporter.
+        with torch.no_grad(), naming_failures(network, "the model", example):
+            network(example)
         with writing(output, replace=force, inputs=(source,)) as temporary:
-            export_onnx(network, example, temporary, graph=graph)
+            try:
+                export_onnx(network, example, temporary, graph=graph)
+            except DeformcliError:
+                raise
+            except Exception as error:
+                first_line = (str(error).strip().splitlines() or [""])[0]
+                raise ExportError(
+                    f"torch.onnx.export failed: {type(error).__name__}: {first_line}"
+                ) from None
             other = torch.randn(1, channels, height + 32, width + 64, generator=generator)
             error = onnxruntime_max_error(temporary, network, [example, other])
             if error > tolerance:
-                raise DeformcliError(
+                raise ExportError(
                     f"onnxruntime differs from PyTorch by {error:.2e} (> {tolerance:g}); "
                     "nothing written"
                 )

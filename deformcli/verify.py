@@ -8,8 +8,8 @@ the same inputs and reports per-layer and end-to-end errors.
 
 import contextlib
 import copy
+import functools
 import itertools
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -175,7 +175,12 @@ WEIGHTS_ONLY = "per-layer weight check on synthetic inputs; the model was not ru
 @dataclass
 class ModelComparison:
     """Reference vs converted model on the same inputs (``input_shape``), or each layer's
-    weights on synthetic inputs (``input_shape`` None); ``checked`` says which."""
+    weights on synthetic inputs (``input_shape`` None); ``checked`` says which.
+
+    Errors are over the finite values; ``problems`` names every tensor with NaN or infinite
+    values (weights, input, outputs) and everything that could not be compared. Any problem
+    fails the verification.
+    """
 
     input_shape: list[int] | None
     max_abs: float
@@ -183,43 +188,75 @@ class ModelComparison:
     tolerance: float
     layers: list[LayerError] = field(default_factory=list)
     checked: str = END_TO_END
+    problems: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return self.max_rel <= self.tolerance
+        return not self.problems and self.max_rel <= self.tolerance
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
 
 
-def _torchvision_forward(self, input, offset, mask=None):
+class NonFiniteOffsetsError(Exception):
+    """Raised instead of running torchvision's CPU kernel on NaN or infinite offsets (on which
+    it reads out of bounds and crashes the process)."""
+
+
+def _finite_torchvision_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask):
     import torchvision.ops
 
+    if not bool(torch.isfinite(offset).all()):
+        raise NonFiniteOffsetsError(f"offset {list(offset.shape)}: {_count_non_finite(offset)}")
     return torchvision.ops.deform_conv2d(
-        input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
+        input, offset, weight, bias, stride, padding, dilation, mask
     )
 
 
-def reference_model(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose deformcli layers run torchvision's compiled kernel instead.
+def _torchvision_forward(self, input, offset, mask=None, *, kernel):
+    return kernel(
+        input,
+        offset,
+        self.weight,
+        self.bias,
+        _as_pair(self.stride),
+        _as_pair(self.padding),
+        _as_pair(self.dilation),
+        mask,
+    )
 
-    Foreign layers (torchvision's own) are kept as they are. This is the reference against which
-    a converted model is verified, whichever family its layers came from: every family's forward
-    is torchvision's forward.
+
+def _as_pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def reference_model(model: nn.Module, refuse_non_finite: bool = True) -> nn.Module:
+    """A copy of ``model`` whose deformable layers run torchvision's compiled kernel.
+
+    deformcli's layers get torchvision's kernel in their place, and torchvision's own layers
+    keep it; with ``refuse_non_finite`` (not for tracing or export, which see no data) behind a
+    check that refuses non-finite offsets. This is the reference against which a converted
+    model is verified, whichever family its layers came from: every family's forward is
+    torchvision's forward.
     """
     try:
         import torchvision.ops
     except ImportError:
         raise ModelError(
             "verification needs torchvision's kernel as the reference; install torchvision or "
-            "pass --no-verify"
+            "skip verification"
         ) from None
+    kernel = (
+        _finite_torchvision_deform_conv2d if refuse_non_finite else torchvision.ops.deform_conv2d
+    )
     reference = copy.deepcopy(model)
     for module in reference.modules():
         if isinstance(module, DeformableConvBase):
-            module.kernel_override = torchvision.ops.deform_conv2d
-        elif isinstance(module, DeformConv2d):
-            module.forward = types.MethodType(_torchvision_forward, module)
+            module.kernel_override = kernel
+        elif isinstance(module, DeformConv2d) or (
+            refuse_non_finite and isinstance(module, torchvision.ops.DeformConv2d)
+        ):
+            module.forward = functools.partial(_torchvision_forward, module, kernel=kernel)
     return reference
 
 
@@ -233,14 +270,43 @@ def _as_tensors(output) -> list[Tensor]:
     return []
 
 
-def _errors(actual: list[Tensor], expected: list[Tensor]) -> tuple[float, float]:
+def _count_non_finite(tensor: Tensor) -> str:
+    nan = int(torch.isnan(tensor).sum())
+    inf = int(torch.isinf(tensor).sum())
+    return ", ".join(part for part in (f"{nan} NaN" * bool(nan), f"{inf} inf" * bool(inf)) if part)
+
+
+def non_finite_tensors(named: dict[str, Tensor]) -> list[str]:
+    """``"name (3 NaN, 1 inf)"`` for every floating tensor holding non-finite values."""
+    return [
+        f"{name} ({_count_non_finite(tensor)})"
+        for name, tensor in named.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def _errors(
+    actual: list[Tensor], expected: list[Tensor], label: str, problems: list[str]
+) -> tuple[float, float]:
+    """Max abs and relative error over the values finite in both; non-finite values and shape
+    mismatches are added to ``problems``, named by ``label`` and output index."""
     max_abs = max_rel = 0.0
-    for a, e in zip(actual, expected, strict=True):
-        if e.numel() == 0:
+    for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        name = f"{label} output {index}" if len(expected) > 1 else f"{label} output"
+        if a.shape != e.shape:
+            problems.append(f"{name}: shape {list(a.shape)}, reference {list(e.shape)}")
             continue
-        difference = (a.double() - e.double()).abs().max().item()
+        a, e = a.double(), e.double()
+        for side, tensor in (("converted", a), ("reference", e)):
+            if not bool(torch.isfinite(tensor).all()):
+                problems.append(f"{name}: the {side} model gives {_count_non_finite(tensor)}")
+        finite = torch.isfinite(a) & torch.isfinite(e)
+        if not bool(finite.any()):
+            continue
+        difference = (a - e).abs()[finite].max().item()
+        scale = e.abs()[finite].max().item()
         max_abs = max(max_abs, difference)
-        max_rel = max(max_rel, difference / max(e.double().abs().max().item(), 1e-12))
+        max_rel = max(max_rel, difference / max(scale, 1e-12))
     return max_abs, max_rel
 
 
@@ -253,8 +319,15 @@ def compare_models(
 ) -> ModelComparison:
     """Run both models (eval, no grad) on ``inputs``; errors end to end and at ``layer_paths``.
 
-    Relative errors are max abs error over the reference's max magnitude.
+    Relative errors are max abs error over the reference's max magnitude. Non-finite weights or
+    inputs fail the comparison without running anything; non-finite offsets stop the reference
+    before torchvision's kernel sees them; non-finite outputs fail it too.
     """
+    problems = non_finite_tensors(dict(converted.state_dict())) + non_finite_tensors(
+        {"the input": inputs}
+    )
+    if problems:
+        return ModelComparison(list(inputs.shape), 0.0, 0.0, tolerance, [], problems=problems)
     captured: dict[str, dict[str, list[Tensor]]] = {"reference": {}, "converted": {}}
     handles = []
     for label, model in (("reference", reference), ("converted", converted)):
@@ -267,26 +340,33 @@ def compare_models(
             handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            with _naming_failures(reference, "the reference model (torchvision's kernel)", inputs):
+            with naming_failures(reference, "the reference model (torchvision's kernel)", inputs):
                 expected = _as_tensors(reference.eval()(inputs))
-            with _naming_failures(converted, "the converted model", inputs):
+            with naming_failures(converted, "the converted model", inputs):
                 actual = _as_tensors(converted.eval()(inputs))
+    except NonFiniteOffsetsError as stopped:
+        return ModelComparison(list(inputs.shape), 0.0, 0.0, tolerance, [], problems=[str(stopped)])
     finally:
         for handle in handles:
             handle.remove()
     if len(actual) != len(expected) or not expected:
         raise ModelError("the model returned no tensors to compare")
-    max_abs, max_rel = _errors(actual, expected)
+    max_abs, max_rel = _errors(actual, expected, "end-to-end", problems)
     layers = [
-        LayerError(path, *_errors(captured["converted"][path], captured["reference"][path]))
+        LayerError(
+            path,
+            *_errors(captured["converted"][path], captured["reference"][path], path, problems),
+        )
         for path in layer_paths
         if path in captured["reference"] and path in captured["converted"]
     ]
-    return ModelComparison(list(inputs.shape), max_abs, max_rel, tolerance, layers)
+    return ModelComparison(
+        list(inputs.shape), max_abs, max_rel, tolerance, layers, problems=problems
+    )
 
 
 @contextlib.contextmanager
-def _naming_failures(model: nn.Module, label: str, inputs: Tensor) -> Iterator[None]:
+def naming_failures(model: nn.Module, label: str, inputs: Tensor) -> Iterator[None]:
     """An exception inside ``model`` becomes a ModelError naming the innermost module that was
     running (its path and class) and a hint that fits the failure."""
     running: list[tuple[str, nn.Module]] = []
@@ -306,6 +386,11 @@ def _naming_failures(model: nn.Module, label: str, inputs: Tensor) -> Iterator[N
     except (Exception, SystemExit) as error:
         path, module = running[-1] if running else ("", model)
         where = f"in {path or '(the model itself)'} ({type(module).__name__})"
+        if isinstance(error, NonFiniteOffsetsError):
+            raise NonFiniteOffsetsError(
+                f"{where.removeprefix('in ')}: the {error} computed from the input; "
+                "torchvision's kernel was not run on them"
+            ) from None
         first_line = (str(error).strip().splitlines() or [""])[0]
         raise ModelError(
             f"{label} failed {where} on an input of shape {list(inputs.shape)}: "
@@ -337,24 +422,43 @@ def check_layer_weights(
     random ``(1, C_in, 16, 16)`` input with random offsets and mask (fixed seed), padding 1.
 
     This checks the weights, not the model (which was not run): ``checked`` says so and
-    ``input_shape`` is None."""
+    ``input_shape`` is None. Non-finite weights and weights the op cannot run are problems
+    naming the layer (the layer is not run).
+    """
     import torchvision.ops
 
     generator = torch.Generator().manual_seed(0)
-    layers = []
+    layers: list[LayerError] = []
+    problems: list[str] = []
     for name in layer_names:
         weight = state_dict[f"{name}.weight"].detach().to("cpu", torch.float32)
         bias = state_dict.get(f"{name}.bias")
         bias = None if bias is None else bias.detach().to("cpu", torch.float32)
+        named = {f"{name}.weight": weight, **({f"{name}.bias": bias} if bias is not None else {})}
+        bad = non_finite_tensors(named)
+        if bad:
+            problems.extend(bad)
+            continue
         _, in_channels, kernel_h, kernel_w = weight.shape  # as one conv group
-        x = torch.randn(1, in_channels, 16, 16, generator=generator)
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            problems.append(
+                f"{name}.bias: shape {list(bias.shape)} does not fit {name}.weight "
+                f"{list(weight.shape)} (expected [{weight.shape[0]}])"
+            )
+            continue
         out_h, out_w = 16 + 2 * padding - kernel_h + 1, 16 + 2 * padding - kernel_w + 1
+        if min(in_channels, kernel_h, kernel_w, weight.shape[0]) == 0 or min(out_h, out_w) < 1:
+            problems.append(f"{name}.weight: shape {list(weight.shape)} cannot be a convolution")
+            continue
+        x = torch.randn(1, in_channels, 16, 16, generator=generator)
         offset = torch.randn(1, 2 * kernel_h * kernel_w, out_h, out_w, generator=generator) * 2
         mask = torch.rand(1, kernel_h * kernel_w, out_h, out_w, generator=generator)
         args = (x, offset, weight, bias, (1, 1), (padding, padding), (1, 1), mask)
         ours = deform_conv2d(*args)
         theirs = torchvision.ops.deform_conv2d(*args)
-        layers.append(LayerError(name, *_errors([ours], [theirs])))
+        layers.append(LayerError(name, *_errors([ours], [theirs], name, problems)))
     max_abs = max((layer.max_abs for layer in layers), default=0.0)
     max_rel = max((layer.max_rel for layer in layers), default=0.0)
-    return ModelComparison(None, max_abs, max_rel, tolerance, layers, checked=WEIGHTS_ONLY)
+    return ModelComparison(
+        None, max_abs, max_rel, tolerance, layers, checked=WEIGHTS_ONLY, problems=problems
+    )

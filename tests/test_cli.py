@@ -205,7 +205,7 @@ def _bad_inputs(tmp: Path, checkpoint: Path) -> dict:
     )
     cases["malformed input shape"] = (
         [str(checkpoint), "--input-shape", "1,3,a"],
-        "expected integers",
+        "expected 4 integers",
     )
     cases["bad kwargs"] = (
         [str(checkpoint), "--model", MODEL, "--model-kwargs", "{nope"],
