@@ -359,7 +359,9 @@ def _strip_common_prefix(
 
 
 def find_deformable_layers(
-    state_dict: Mapping[str, Tensor], saved_devices: Mapping[str, str] | None = None
+    state_dict: Mapping[str, Tensor],
+    saved_devices: Mapping[str, str] | None = None,
+    near_misses: list[str] | None = None,
 ) -> list[DeformableLayerInfo]:
     """Deformable layers recognisable from tensors alone.
 
@@ -369,6 +371,7 @@ def find_deformable_layers(
     detector's ``conv2_offset`` beside ``conv2``; also mmcv's version-1 key) or
     ``<name>.conv_offset_mask`` (mmdetection v1.0). When the width fits both (a multiple of
     ``6 * kH * kW``) the kind is ``"DCNv1/DCNv2"`` and offset groups are counted as for DCNv2.
+    An offset conv with the kernel size but not such a width is described in ``near_misses``.
     """
     saved_devices = saved_devices or {}
     layers = []
@@ -390,7 +393,15 @@ def find_deformable_layers(
             channels = offset_weight.shape[0]
             v1 = channels % (2 * kernel_points) == 0
             v2 = channels % (3 * kernel_points) == 0
-            if offset_weight.shape[2:] != weight.shape[2:] or not (v1 or v2):
+            if offset_weight.shape[2:] != weight.shape[2:]:
+                continue
+            if not (v1 or v2):
+                if near_misses is not None:
+                    near_misses.append(
+                        f"{offset_name} beside {name} has {channels} output channels, not a "
+                        f"multiple of 2*kH*kW = {2 * kernel_points} (DCNv1) or 3*kH*kW = "
+                        f"{3 * kernel_points} (DCNv2): {name} is not counted as deformable"
+                    )
                 continue
             kind = "DCNv1/DCNv2" if v1 and v2 else ("DCNv1" if v1 else "DCNv2")
             groups = channels // ((2 if v1 and not v2 else 3) * kernel_points)

@@ -1,7 +1,8 @@
 """The deformcli command line: thin Typer commands over library functions, Rich output.
 
-Exit codes: 0 ok, 1 verification failed, 2 bad input (a one-line message; the traceback only
-with ``--debug``).
+Exit codes: 0 ok, 1 verification failed, 2 bad input (one line naming the file, key or
+shape), 3 unexpected internal error (one line), 130 interrupted; ``--debug`` anywhere on the
+command line adds the traceback and keeps the code.
 """
 
 import contextlib
@@ -27,10 +28,13 @@ EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 app = typer.Typer(
     help="Deformable convolution with no compiled extension: take CUDA-trained checkpoints to "
-    "any device.\n\nExit codes: 0 ok, 1 verification failed, 2 bad input.",
+    "any device.\n\nExit codes: 0 ok, 1 verification failed, 2 bad input, 3 internal error, "
+    "130 interrupted.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: flags without "<bool>" metavars, docstrings rewrapped to the terminal.
+    rich_markup_mode=None,
 )
 console = Console()
 error_console = Console(stderr=True)
@@ -148,7 +152,7 @@ def inspect(
     ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """List the deformable layers in a checkpoint, without executing pickled code.
+    """List a checkpoint's deformable layers (no pickled code runs).
 
     Example: deformcli inspect model_final.pth
     """
@@ -161,7 +165,9 @@ def inspect(
     with _steps(not as_json) as step:
         step(f"loading {checkpoint.name}")
         loaded = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
-    layers = find_deformable_layers(loaded.state_dict, loaded.saved_devices)
+    near_misses: list[str] = []
+    layers = find_deformable_layers(loaded.state_dict, loaded.saved_devices, near_misses)
+    loaded.notes.extend(near_misses)
     if loaded.module is not None:
         # A whole pickled model: its classes say more than its tensors.
         layers = find_deformable_modules(loaded.module) or layers
@@ -205,13 +211,15 @@ def inspect(
         for layer in layers
     ]
     headers = ("name", "family", "kind", "weight", "groups", "dtype", "saved on")
-    for index, header in enumerate(headers):
-        width = max(len(header), *(len(row[index]) for row in rows))
+    widths = [max(len(header), *(len(row[i]) for row in rows)) for i, header in enumerate(headers)]
+    for header, width in zip(headers, widths, strict=True):
         table.add_column(header, no_wrap=True, min_width=width)
     for row in rows:
         table.add_row(*map(escape, row))
-    # Piped output is not cut to 80 columns: the table is as wide as its content.
-    console.print(table, width=None if console.is_terminal else 10_000)
+    if not console.is_terminal:
+        # Piped output is not cut to 80 columns: it is as wide as the table's content.
+        console.width = max(console.width, sum(widths) + table.padding[1] * 2 * len(widths))
+    console.print(table)
 
 
 # ---------------------------------------------------------------------------------- convert
@@ -246,7 +254,11 @@ def convert(
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip numerical verification."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Convert a checkpoint into a verified, CPU-ready .safetensors file.
+    """Convert a checkpoint into a verified, CPU-ready .safetensors.
+
+    Builds the model from --model with the import shims active, loads the weights strictly,
+    swaps the deformable layers and compares with torchvision's kernel; writes nothing if
+    verification fails (unless --force).
 
     Example: deformcli convert dbnet.pth --model mypkg.model:build --input-shape 1,3,640,640
     """
@@ -364,9 +376,13 @@ def verify(
     ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Prove equivalence: with no argument, our op against torchvision's on this machine.
+    """Prove equivalence with torchvision's kernel (op or file).
 
-    Example: deformcli verify            (conformance suite, CPU and CUDA when present)
+    With no argument: our op against torchvision's over a grid of configurations on this
+    machine (CPU, and CUDA when present). With PATH and --model: the file in your model.
+
+    \b
+    Example: deformcli verify
     Example: deformcli verify dbnet.deformcli.safetensors --model mypkg.model:build
     """
     from deformcli.verify import conformance_case_count, run_conformance
@@ -446,7 +462,9 @@ def bench(
     ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Time deformcli against torchvision's kernel and dense conv2d (medians, same run).
+    """Time deformcli vs torchvision's kernel and dense conv2d.
+
+    Medians of interleaved rounds, all three measured in the same run.
 
     Example: deformcli bench --preset dbnet-layers --backward
     """
@@ -551,7 +569,9 @@ def export_command(
     force: bool = typer.Option(False, "--force", help="Overwrite the output."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Export to ONNX with dynamic batch, height and width, checked in onnxruntime.
+    """Export to ONNX, checked in onnxruntime.
+
+    Batch, height and width stay dynamic.
 
     Example: deformcli export dbnet.pth --model mypkg.model:build -o dbnet.onnx
     """
@@ -589,8 +609,9 @@ def demo(
     out_dir: Path = typer.Option(Path("deformcli-demo"), "--out-dir", help="Where files go."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """The whole job on the bundled example DBNet: save it as a GPU training script would,
-    convert, verify, benchmark briefly.
+    """The whole job on the bundled example DBNet.
+
+    Saves it as a GPU training script would, converts, verifies, benchmarks briefly.
 
     Example: deformcli demo --out-dir /tmp/deformcli-demo
     """

@@ -111,7 +111,7 @@ def convert(
     step(f"loading {source.name}")
     checkpoint = load_checkpoint(source, trust_pickle=trust_pickle)
     notes = list(checkpoint.notes)
-    layers = find_deformable_layers(checkpoint.state_dict, checkpoint.saved_devices)
+    layers = find_deformable_layers(checkpoint.state_dict, checkpoint.saved_devices, notes)
     devices = sorted(set(checkpoint.saved_devices.values()))
     if devices and devices != ["cpu"]:
         notes.append(f"tensors were saved on {', '.join(devices)}; loaded on the CPU")

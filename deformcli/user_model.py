@@ -141,7 +141,13 @@ def fit_state_dict(
         notes.append(f"renamed {len(renamed)} mmcv version-1 offset keys (<name>_offset.*)")
     missing = sorted(expected - set(keys))
     unexpected = sorted(set(keys) - expected)
-    if missing or unexpected:
+    model_state = model.state_dict()
+    mismatched = [
+        f"{key}: checkpoint {list(value.shape)}, model {list(model_state[key].shape)}"
+        for key, value in keys.items()
+        if key in model_state and value.shape != model_state[key].shape
+    ]
+    if missing or unexpected or mismatched:
         raise ModelError(
             "the checkpoint does not fit the model: "
             + "; ".join(
@@ -149,6 +155,7 @@ def fit_state_dict(
                 for part in (
                     _listing("missing keys", missing),
                     _listing("unexpected keys", unexpected),
+                    _listing("tensors of another shape", mismatched, limit=4),
                 )
                 if part
             )
