@@ -11,6 +11,7 @@ from deformcli.checkpoint import find_deformable_layers, load_checkpoint
 from deformcli.convert import convert
 from deformcli.errors import CheckpointError
 from deformcli.models.dbnet import build_dbnet
+from deformcli.output_file import writing
 
 MODEL_SPEC = "deformcli.models.dbnet:build_dbnet"
 
@@ -30,14 +31,15 @@ def run_demo(out_dir: Path, step: Callable[[str], None] | None = None, size: int
     model = build_dbnet("torchvision")
     checkpoint = out_dir / "dbnet_cuda_style.pth"
     step(f"saving {checkpoint.name} as a training script would")
-    torch.save(
-        {
-            "epoch": 1200,
-            "state_dict": nn.DataParallel(model).state_dict(),
-            "optimizer": {"lr": 0.007, "momentum": 0.9},
-        },
-        checkpoint,
-    )
+    with writing(checkpoint, replace=True) as temporary:
+        torch.save(
+            {
+                "epoch": 1200,
+                "state_dict": nn.DataParallel(model).state_dict(),
+                "optimizer": {"lr": 0.007, "momentum": 0.9},
+            },
+            temporary,
+        )
     layers = find_deformable_layers(load_checkpoint(checkpoint).state_dict)
     output = out_dir / "dbnet.deformcli.safetensors"
     result = convert(

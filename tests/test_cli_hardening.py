@@ -148,6 +148,39 @@ def test_messages_name_the_entry_the_key_and_the_file(tmp_path, checkpoint, stat
     assert "not a regular file" in one_line_error(invoke("inspect", tmp_path / "fifo.pth"))
 
 
+def test_an_offset_conv_of_the_wrong_width_is_described(tmp_path):
+    weights = {
+        "conv2.weight": torch.ones(4, 4, 3, 3),
+        "conv2_offset.weight": torch.ones(20, 4, 3, 3),
+    }
+    torch.save(weights, tmp_path / "near.pth")
+    text = " ".join(invoke("inspect", tmp_path / "near.pth").output.split())
+    assert "conv2_offset beside conv2 has 20 output channels, not a multiple of" in text
+
+
+def test_export_of_a_model_that_cannot_take_the_input_is_one_line(tmp_path, checkpoint):
+    text = one_line_error(
+        invoke(
+            "export",
+            checkpoint,
+            "--model",
+            MODEL,
+            "--input-shape",
+            "2,5,64,64",
+            "-o",
+            tmp_path / "m.onnx",
+        )
+    )
+    assert "failed in backbone.conv1 (Conv2d)" in text and not (tmp_path / "m.onnx").exists()
+
+
+def test_verify_takes_a_saved_input(tmp_path, checkpoint):
+    torch.save(torch.randn(1, 3, 48, 64), tmp_path / "x.pt")
+    result = invoke("verify", checkpoint, "--model", MODEL, "--input", tmp_path / "x.pt", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["input_shape"] == [1, 3, 48, 64]
+
+
 def test_half_precision_output_is_verified_in_float32(tmp_path, checkpoint):
     out = tmp_path / "half.safetensors"
     result = invoke(

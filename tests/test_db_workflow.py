@@ -159,6 +159,8 @@ def test_db_checkpoint_converts_and_loads(tmp_path, monkeypatch, inputs, factory
     assert "stripped the 'model.' prefix" in converted.stdout
     assert "Verification passed" in converted.stdout
     notes = " ".join(converted.stdout.split())
+    layers = {"build_r18": 6, "build_r50": 13}[factory]
+    assert f"{layers} deformable layer(s) already deformcli's (the model was built" in notes
     for layer in R50_STRIDED:
         assert (f"{layer} (ModulatedDeformConv): offset" in notes) == (factory == "build_r50")
 
