@@ -115,12 +115,13 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Load
     file_format = sniff_format(path)
     sha256 = sha256_of(path)
     locations: dict[int, str] = {}
+    load_notes: list[str] = []
     if file_format == "safetensors":
         obj = _load_safetensors(path)
     else:
-        obj, locations = _load_torch(path, file_format, trust_pickle)
+        obj, locations = _load_torch(path, file_format, trust_pickle, load_notes)
 
-    notes: list[str] = []
+    notes: list[str] = load_notes
     module = None
     if isinstance(obj, nn.Module):
         module = obj
@@ -215,9 +216,18 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: not a valid safetensors file ({error})") from None
 
 
-def _load_torch(path: Path, file_format: str, trust_pickle: bool) -> tuple[object, dict[int, str]]:
+def _load_torch(
+    path: Path, file_format: str, trust_pickle: bool, notes: list[str] | None = None
+) -> tuple[object, dict[int, str]]:
     """The unpickled object and the location each storage was saved on (by data pointer once
-    loaded on the CPU)."""
+    loaded on the CPU).
+
+    Without ``trust_pickle``, a file whose pickle names classes from training frameworks
+    (mmengine's ``HistoryBuffer`` in ``message_hub``...) or numpy's data constructors still
+    loads with no code run: numpy arrays and scalars are rebuilt from their bytes, and the
+    framework objects become :class:`InertObject` holding their pickled state (``notes`` says
+    which). Anything else that a pickle could call is refused.
+    """
     if file_format == "torch zip":
         _check_zip(path)
     locations: dict[int, str] = {}
@@ -226,10 +236,24 @@ def _load_torch(path: Path, file_format: str, trust_pickle: bool) -> tuple[objec
         locations[storage.data_ptr()] = location
         return storage
 
-    try:
-        with warnings.catch_warnings():
+    def load(allowed: list) -> object:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(allowed):
             warnings.simplefilter("ignore")  # pickle-protocol chatter; errors are reported below
-            obj = torch.load(path, map_location=record_location, weights_only=not trust_pickle)
+            return torch.load(path, map_location=record_location, weights_only=not trust_pickle)
+
+    try:
+        try:
+            obj = load([])
+        except pickle.UnpicklingError as error:
+            allowed = _data_globals(path, str(error)) if not trust_pickle else None
+            if allowed is None:
+                raise
+            obj = load([stand_in for stand_in, _ in allowed])
+            inert = sorted(name for stand_in, name in allowed if _is_inert(stand_in))
+            if inert and notes is not None:
+                notes.append(
+                    f"read pickled {', '.join(inert)} as inert data (their code was not run)"
+                )
     except pickle.UnpicklingError as error:
         message = str(error)
         if "Weights only load failed" in message:
@@ -244,6 +268,8 @@ def _load_torch(path: Path, file_format: str, trust_pickle: bool) -> tuple[objec
                 f"({detail})"
             ) from None
         raise CheckpointError(f"{path}: is not a readable torch checkpoint ({message})") from None
+    except CheckpointError:
+        raise
     except Exception as error:
         # Random bytes and truncated files fail anywhere inside the unpickler.
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -252,6 +278,98 @@ def _load_torch(path: Path, file_format: str, trust_pickle: bool) -> tuple[objec
             f"{first_line})"
         ) from None
     return obj, locations
+
+
+class InertObject:
+    """An object of a class from a training framework, read from a pickle without importing or
+    running the class: ``args`` are its constructor arguments, ``state`` its pickled state."""
+
+    def __new__(cls, *args, **kwargs):
+        instance = object.__new__(cls)
+        instance.args, instance.state = args, None
+        return instance
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<inert {type(self).__module__}.{type(self).__qualname__}>"
+
+
+# Classes from these packages hold run state in training checkpoints (mmengine's message_hub,
+# configs); they are read as InertObject. Nothing else outside numpy's data is allowed.
+_INERT_PACKAGES = ("mmengine", "mmcv", "mmdet", "mmocr", "mmseg", "mmpretrain", "mmdet3d")
+_NUMPY_DATA = {"_reconstruct", "scalar", "ndarray", "dtype"}
+
+
+def _data_globals(path: Path, refusal: str) -> list[tuple[object, str]] | None:
+    """Stand-ins for every global the pickle names, or None when one of them could run code.
+
+    numpy's array/scalar/dtype constructors are used as they are (they build data from bytes);
+    classes of the training frameworks above become InertObject subclasses of the same name.
+    """
+    if "GLOBAL" not in refusal:
+        return None
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return None
+    allowed = []
+    for name in names:
+        module, _, attribute = name.rpartition(".")
+        package = module.split(".")[0]
+        if name == "builtins.getattr":
+            stand_in = _inert_getattr
+        elif package == "numpy":
+            stand_in = _numpy_data_global(module, attribute)
+        elif package in _INERT_PACKAGES:
+            stand_in = type(attribute, (InertObject,), {"__module__": module})
+            stand_in.__qualname__ = attribute
+        else:
+            stand_in = None
+        if stand_in is None:
+            return None
+        allowed.append(((stand_in, name), name))
+    if any(name.startswith("numpy.") for name in names):
+        # np.dtype(...) returns an instance of one of these, which the pickle then BUILDs.
+        import numpy
+
+        for dtype_class in vars(getattr(numpy, "dtypes", object())).values():
+            if isinstance(dtype_class, type) and issubclass(dtype_class, numpy.dtype):
+                allowed.append((dtype_class, f"numpy.dtypes.{dtype_class.__name__}"))
+    return allowed
+
+
+def _inert_getattr(obj: object, name: str) -> object:
+    """``getattr`` as a pickle may call it (mmengine pickles bound methods so): only on inert
+    objects, and returning an inert stand-in, never the real attribute."""
+    if not (
+        isinstance(obj, InertObject) or (isinstance(obj, type) and issubclass(obj, InertObject))
+    ):
+        raise pickle.UnpicklingError(
+            f"Weights only load failed: GLOBAL getattr on {type(obj).__name__} refused"
+        )
+    return InertObject(obj, name)
+
+
+def _numpy_data_global(module: str, attribute: str) -> object | None:
+    import numpy
+
+    if attribute in _NUMPY_DATA:
+        core = getattr(numpy, "_core", None) or numpy.core
+        return getattr(core.multiarray, attribute, None) or getattr(numpy, attribute, None)
+    dtype_class = getattr(getattr(numpy, "dtypes", None), attribute, None)
+    if module == "numpy.dtypes" and isinstance(dtype_class, type):
+        return dtype_class if issubclass(dtype_class, numpy.dtype) else None
+    return None
+
+
+def _is_inert(stand_in: object) -> bool:
+    target = stand_in[0] if isinstance(stand_in, tuple) else stand_in
+    return isinstance(target, type) and issubclass(target, InertObject)
 
 
 def _check_zip(path: Path) -> None:

@@ -13,6 +13,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -49,10 +50,15 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(
-        False, "--version", callback=_version_callback, is_eager=True, help="Show the version."
-    ),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Show the version."
+        ),
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Add tracebacks to errors (anywhere on the line).")
+    ] = False,
 ) -> None:
     """deformcli: run models with deformable convolution anywhere torch runs."""
     _state["debug"] = debug
@@ -138,23 +144,57 @@ def _print_json(payload: object) -> None:
     typer.echo(json.dumps(payload, indent=2, default=str))
 
 
+# ------------------------------------------------------------------ options shared by commands
+
+JsonFlag = Annotated[
+    bool, typer.Option("--json", help="Machine-readable output (errors too, as a JSON object).")
+]
+TrustPickleFlag = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle", help="Allow unpickling arbitrary objects (runs code from the file)."
+    ),
+]
+ForceFlag = Annotated[bool, typer.Option("--force", help="Replace an existing output file.")]
+ModelOption = Annotated[
+    str | None,
+    typer.Option("--model", help="Model factory 'package.module:function' to build."),
+]
+ModelKwargsOption = Annotated[
+    str | None, typer.Option("--model-kwargs", help="JSON keyword arguments for --model.")
+]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", help="Build the model from an mmengine config file instead of --model."
+    ),
+]
+InputShapeOption = Annotated[
+    str, typer.Option("--input-shape", help="Sample input N,C,H,W (a fixed-seed randn).")
+]
+InputFileOption = Annotated[
+    Path | None,
+    typer.Option("--input", help="A saved tensor to verify on instead of a random sample."),
+]
+
+
 # ---------------------------------------------------------------------------------- inspect
 
 
 @app.command()
 @_command
 def inspect(
-    checkpoint: Path = typer.Argument(..., help="A .pth/.pt/.ckpt/.bin or .safetensors file."),
-    trust_pickle: bool = typer.Option(
-        False,
-        "--trust-pickle",
-        help="Allow unpickling arbitrary objects (runs code from the file).",
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A torch checkpoint (any name) or a .safetensors file.")
+    ],
+    config: ConfigOption = None,
+    trust_pickle: TrustPickleFlag = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """List a checkpoint's deformable layers (no pickled code runs).
 
     Example: deformcli inspect model_final.pth
+    Example: deformcli inspect epoch_1200.pth --config dbnet_resnet50-dcnv2_fpnc_1200e_icdar2015.py
     """
     from deformcli.checkpoint import (
         find_deformable_layers,
@@ -171,6 +211,14 @@ def inspect(
     if loaded.module is not None:
         # A whole pickled model: its classes say more than its tensors.
         layers = find_deformable_modules(loaded.module) or layers
+    elif config is not None:
+        # The config's model names the layers the tensors alone cannot (mmcv's Pack layers
+        # keep their offset conv inside, as <name>.conv_offset, which the tensors show too).
+        from deformcli.mmlab import build_from_config
+
+        with _steps(not as_json) as step:
+            step(f"building the model of {config.name}")
+            layers = find_deformable_modules(build_from_config(config)) or layers
     total_bytes = sum(t.numel() * t.element_size() for t in loaded.state_dict.values())
     summary = {
         "path": str(loaded.path),
@@ -228,31 +276,33 @@ def inspect(
 @app.command()
 @_command
 def convert(
-    checkpoint: Path = typer.Argument(..., help="The CUDA-trained checkpoint."),
-    output: Path | None = typer.Option(
-        None, "-o", "--output", help="Output .safetensors (default: <name>.deformcli.safetensors)."
-    ),
-    model: str | None = typer.Option(
-        None, "--model", help="Model factory 'package.module:function' to build and verify."
-    ),
-    model_kwargs: str | None = typer.Option(None, "--model-kwargs", help="JSON keyword arguments."),
-    input_shape: str = typer.Option("1,3,640,640", "--input-shape", help="Sample input N,C,H,W."),
-    input_file: Path | None = typer.Option(
-        None, "--input", help="A saved tensor to verify on instead of a random sample."
-    ),
-    dtype: str | None = typer.Option(
-        None, "--dtype", help="Cast weights to float32/float16/bfloat16/float64."
-    ),
-    trust_pickle: bool = typer.Option(
-        False,
-        "--trust-pickle",
-        help="Allow unpickling arbitrary objects (runs code from the file).",
-    ),
-    force: bool = typer.Option(
-        False, "--force", help="Overwrite the output; write it even if verification fails."
-    ),
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip numerical verification."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    checkpoint: Annotated[Path, typer.Argument(help="The CUDA-trained checkpoint.")],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o", "--output", help="Output .safetensors (default: <name>.deformcli.safetensors)."
+        ),
+    ] = None,
+    model: ModelOption = None,
+    model_kwargs: ModelKwargsOption = None,
+    config: ConfigOption = None,
+    input_shape: InputShapeOption = "1,3,640,640",
+    input_file: InputFileOption = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option("--dtype", help="Cast weights to float32/float16/bfloat16/float64."),
+    ] = None,
+    trust_pickle: TrustPickleFlag = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Replace an existing output; write it even if verification fails."
+        ),
+    ] = False,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Skip numerical verification.")
+    ] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Convert a checkpoint into a verified, CPU-ready .safetensors.
 
@@ -269,6 +319,7 @@ def convert(
             checkpoint,
             output,
             model=model,
+            config=config,
             model_kwargs=model_kwargs,
             input_shape=parse_shape(input_shape, "--input-shape"),
             input_path=input_file,
@@ -358,23 +409,19 @@ def _print_comparison(verification) -> None:
 @app.command()
 @_command
 def verify(
-    path: Path | None = typer.Argument(
-        None, help="A converted file to check against its model (needs --model)."
-    ),
-    model: str | None = typer.Option(
-        None, "--model", help="Model factory 'package.module:function'."
-    ),
-    model_kwargs: str | None = typer.Option(None, "--model-kwargs", help="JSON keyword arguments."),
-    input_shape: str = typer.Option("1,3,640,640", "--input-shape", help="Sample input N,C,H,W."),
-    input_file: Path | None = typer.Option(
-        None, "--input", help="A saved tensor to verify on instead of a random sample."
-    ),
-    trust_pickle: bool = typer.Option(
-        False,
-        "--trust-pickle",
-        help="Allow unpickling arbitrary objects (runs code from the file).",
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    path: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A converted file to check against its model (needs --model/--config)."
+        ),
+    ] = None,
+    model: ModelOption = None,
+    model_kwargs: ModelKwargsOption = None,
+    config: ConfigOption = None,
+    input_shape: InputShapeOption = "1,3,640,640",
+    input_file: InputFileOption = None,
+    trust_pickle: TrustPickleFlag = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Prove equivalence with torchvision's kernel (op or file).
 
@@ -410,8 +457,8 @@ def verify(
             console.print("[green]all passed[/]" if passed else "[bold red]FAILED[/]")
         raise typer.Exit(EXIT_OK if passed else EXIT_VERIFICATION_FAILED)
 
-    if model is None:
-        raise DeformcliError("verify PATH needs --model to build the network to check")
+    if model is None and config is None:
+        raise DeformcliError("verify PATH needs --model or --config to build the model to check")
     from deformcli.convert import verify_file
 
     comparison = verify_file(
@@ -421,6 +468,7 @@ def verify(
         parse_shape(input_shape, "--input-shape"),
         trust_pickle=trust_pickle,
         input_path=input_file,
+        config=config,
     )
     if as_json:
         _print_json(comparison.to_dict())
@@ -446,21 +494,30 @@ def _progress(enabled: bool, label: str, total: int) -> Iterator:
 @app.command()
 @_command
 def bench(
-    preset: str = typer.Option(
-        "dbnet-layers", "--preset", help="dbnet-layers (four DBNet layers) or dbnet (whole model)."
-    ),
-    shape: str | None = typer.Option(
-        None, "--shape", help="One layer N,C,H,W instead of a preset."
-    ),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps..."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, float16, bfloat16, float64."),
-    backward: bool = typer.Option(False, "--backward", help="Time forward + backward."),
-    rounds: int = typer.Option(7, "--rounds", min=1, help="Timed rounds (median reported)."),
-    memory: bool = typer.Option(False, "--memory", help="Also measure peak memory (CPU, slower)."),
-    plot: Path | None = typer.Option(
-        None, "--plot", help="Also draw the table as a bar chart (PNG; needs matplotlib)."
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    preset: Annotated[
+        str,
+        typer.Option("--preset", help="dbnet-layers (four DBNet layers) or dbnet (whole model)."),
+    ] = "dbnet-layers",
+    shape: Annotated[
+        str | None, typer.Option("--shape", help="One layer N,C,H,W instead of a preset.")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, mps...")] = "cpu",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="float32, float16, bfloat16, float64.")
+    ] = "float32",
+    backward: Annotated[bool, typer.Option("--backward", help="Time forward + backward.")] = False,
+    rounds: Annotated[
+        int, typer.Option("--rounds", min=1, help="Timed rounds (median reported).")
+    ] = 7,
+    memory: Annotated[
+        bool, typer.Option("--memory", help="Also measure peak memory (CPU, slower).")
+    ] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Also draw the table as a bar chart (PNG; needs matplotlib)."),
+    ] = None,
+    force: ForceFlag = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Time deformcli vs torchvision's kernel and dense conv2d.
 
@@ -509,7 +566,7 @@ def bench(
     if plot is not None:
         from deformcli.plot import plot_timings
 
-        plot_timings(rows, plot, f"{_machine(device)}: {title}")
+        plot_timings(rows, plot, f"{_machine(device)}: {title}", replace=force)
     if as_json:
         _print_json(rows)
         return
@@ -553,21 +610,27 @@ def bench(
 @app.command("export")
 @_command
 def export_command(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint or a converted .safetensors file."),
-    model: str = typer.Option(..., "--model", help="Model factory 'package.module:function'."),
-    output: Path = typer.Option(Path("model.onnx"), "-o", "--output", help="The .onnx to write."),
-    model_kwargs: str | None = typer.Option(None, "--model-kwargs", help="JSON keyword arguments."),
-    input_shape: str = typer.Option("2,3,640,640", "--input-shape", help="Example input N,C,H,W."),
-    graph: str = typer.Option(
-        "standard", "--graph", help="standard (GridSample, MatMul...) or native (ONNX DeformConv)."
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint or a converted .safetensors file.")
+    ],
+    model: ModelOption = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="The .onnx to write.")] = Path(
+        "model.onnx"
     ),
-    trust_pickle: bool = typer.Option(
-        False,
-        "--trust-pickle",
-        help="Allow unpickling arbitrary objects (runs code from the file).",
-    ),
-    force: bool = typer.Option(False, "--force", help="Overwrite the output."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    model_kwargs: ModelKwargsOption = None,
+    config: ConfigOption = None,
+    input_shape: Annotated[
+        str, typer.Option("--input-shape", help="Example input N,C,H,W.")
+    ] = "2,3,640,640",
+    graph: Annotated[
+        str,
+        typer.Option(
+            "--graph", help="standard (GridSample, MatMul...) or native (ONNX DeformConv)."
+        ),
+    ] = "standard",
+    trust_pickle: TrustPickleFlag = False,
+    force: ForceFlag = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Export to ONNX, checked in onnxruntime.
 
@@ -579,6 +642,8 @@ def export_command(
 
     with _steps(not as_json) as step:
         step("exporting to ONNX")
+        if model is None and config is None:
+            raise DeformcliError("export needs --model or --config to build the model")
         report = export_checkpoint(
             checkpoint,
             output,
@@ -588,6 +653,7 @@ def export_command(
             graph,
             trust_pickle,
             force,
+            config=config,
         )
     if as_json:
         _print_json(report)
@@ -606,8 +672,10 @@ def export_command(
 @app.command()
 @_command
 def demo(
-    out_dir: Path = typer.Option(Path("deformcli-demo"), "--out-dir", help="Where files go."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Where files go.")] = Path(
+        "deformcli-demo"
+    ),
+    as_json: JsonFlag = False,
 ) -> None:
     """The whole job on the bundled example DBNet.
 

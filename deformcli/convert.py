@@ -25,7 +25,7 @@ from deformcli.checkpoint import (
 from deformcli.families.legacy_dcn import KernelReadWarning
 from deformcli.output_file import check_output
 from deformcli.surgery import SwapRecord, swap
-from deformcli.user_model import build_model, fit_state_dict, name_layers, user_code
+from deformcli.user_model import build_network, fit_state_dict, name_layers, user_code
 from deformcli.validation import InputError, check_allocation, parse_dtype
 from deformcli.verify import ModelComparison, check_layer_weights, compare_models, reference_model
 
@@ -88,6 +88,7 @@ def convert(
     *,
     model: str | None = None,
     model_kwargs: str | None = None,
+    config: str | Path | None = None,
     input_shape: tuple[int, ...] = (1, 3, 640, 640),
     input_path: str | Path | None = None,
     dtype: str | None = None,
@@ -119,11 +120,11 @@ def convert(
     swapped: list[SwapRecord] = []
     verification = None
     deformcli_layers: list[str] = []
-    if model is not None or checkpoint.module is not None:
+    if model is not None or config is not None or checkpoint.module is not None:
         with user_code():
-            if model is not None:
-                step(f"building {model}")
-                network = build_model(model, model_kwargs)
+            if model is not None or config is not None:
+                step(f"building {model or Path(config).name}")
+                network = build_network(model, model_kwargs, config)
             else:
                 network = checkpoint.module
                 notes.append("using the model pickled in the checkpoint")
@@ -194,17 +195,18 @@ def swap_and_compare(
 
 def verify_file(
     path: str | Path,
-    model: str,
+    model: str | None = None,
     model_kwargs: str | None = None,
     input_shape: tuple[int, ...] = (1, 3, 640, 640),
     trust_pickle: bool = False,
     input_path: str | Path | None = None,
+    config: str | Path | None = None,
 ) -> ModelComparison:
     """``deformcli verify PATH --model``: a converted (or original) file in the user's model,
     deformcli's layers against torchvision's kernel on a fixed-seed sample of ``input_shape``
     (or the tensor saved at ``input_path``)."""
     with user_code():
-        network = build_model(model, model_kwargs)
+        network = build_network(model, model_kwargs, config)
         fit_state_dict(network, load_checkpoint(path, trust_pickle=trust_pickle).state_dict)
         network = network.to("cpu").eval()
         sample = _sample_input(

@@ -141,20 +141,21 @@ def onnxruntime_max_error(path: str | Path, model: nn.Module, inputs: list[Tenso
 def export_checkpoint(
     source: str | Path,
     output: str | Path,
-    model: str,
+    model: str | None,
     model_kwargs: str | None = None,
     input_shape: tuple[int, ...] = (2, 3, 640, 640),
     graph: str = "standard",
     trust_pickle: bool = False,
     force: bool = False,
     tolerance: float = 1e-4,
+    config: str | Path | None = None,
 ) -> dict:
     """``deformcli export``: checkpoint (or converted safetensors) + model factory -> ONNX,
     checked in onnxruntime against PyTorch on the example shape and a second, different one."""
     from deformcli.checkpoint import load_checkpoint
     from deformcli.output_file import check_output, writing
     from deformcli.surgery import swap
-    from deformcli.user_model import build_model, fit_state_dict, user_code
+    from deformcli.user_model import build_network, fit_state_dict, user_code
     from deformcli.validation import check_allocation
     from deformcli.verify import naming_failures
 
@@ -166,7 +167,7 @@ def export_checkpoint(
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(max(batch, 2), channels, height, width, generator=generator)
     with user_code():
-        network = build_model(model, model_kwargs)
+        network = build_network(model, model_kwargs, config)
         fit_state_dict(network, load_checkpoint(source, trust_pickle=trust_pickle).state_dict)
         swap(network)
         network = network.to("cpu", torch.float32).eval()

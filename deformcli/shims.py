@@ -21,8 +21,10 @@ or, scoped, with everything that touches the model's code inside the block:
 Model code may import the extension lazily (DB does it inside ``BasicBlock.__init__``), so the
 shims must be active while the model is *built*, not only while its module is imported.
 
-Names the real packages have but the shims do not (``mmcv.ops.nms``...) raise an ImportError
-that says so.
+Every other name of those modules (``mmcv.ops.CARAFEPack``...) imports as a placeholder that
+fails, naming itself, when it is constructed or called; ``mmcv.ops`` itself also provides the
+detection ops DCN detectors run (:mod:`deformcli.mmcv_ops`: ``nms``, ``batched_nms``,
+``RoIAlign``...) and registers ``DCN``/``DCNv2`` in mmengine's ``MODELS`` as mmcv does.
 """
 
 import contextlib
@@ -32,15 +34,15 @@ import sys
 import types
 from collections.abc import Iterator
 
-from deformcli.families import basicsr, db, mmcv
+from deformcli import mmcv_ops
+from deformcli.families import basicsr, db
 
 __all__ = ["SHIMMED_MODULES", "activated", "install", "is_installed", "uninstall"]
 
-#: Shimmed module name -> the deformcli module whose public names it provides.
+#: Shimmed module name -> the deformcli module whose public names it provides. Every other
+#: submodule of ``mmcv.ops`` (``mmcv.ops.nms``, ``mmcv.ops.carafe``...) is ``mmcv_ops`` too.
 SHIMMED_MODULES: dict[str, types.ModuleType] = {
-    "mmcv.ops": mmcv,
-    "mmcv.ops.deform_conv": mmcv,
-    "mmcv.ops.modulated_deform_conv": mmcv,
+    "mmcv.ops": mmcv_ops,
     "assets.ops.dcn": db,
     "assets.ops.dcn.modules": db,
     "assets.ops.dcn.modules.deform_conv": db,
@@ -53,9 +55,15 @@ SHIMMED_MODULES: dict[str, types.ModuleType] = {
 _PARENT_PACKAGES = frozenset({"mmcv", "assets", "assets.ops", "basicsr", "basicsr.ops"})
 
 
+def _source_of(name: str) -> types.ModuleType | None:
+    if name.startswith("mmcv.ops."):
+        return mmcv_ops
+    return SHIMMED_MODULES.get(name)
+
+
 class _ShimFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, fullname, path, target=None):
-        if fullname in SHIMMED_MODULES:
+        if _source_of(fullname) is not None:
             return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
         if fullname in _PARENT_PACKAGES:
             for finder in sys.meta_path:
@@ -72,25 +80,29 @@ class _ShimFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module: types.ModuleType) -> None:
         module.__path__ = []
-        source = SHIMMED_MODULES.get(module.__name__)
+        source = _source_of(module.__name__)
         if source is None:
             return  # an empty parent package
         for name in source.__all__:
             setattr(module, name, getattr(source, name))
         module.__doc__ = f"deformcli shim for {module.__name__}: {', '.join(source.__all__)}."
-        module.__getattr__ = _missing_name(module.__name__, source.__all__)
+        module.__getattr__ = _placeholders(module, source.__all__)
+        if module.__name__ == "mmcv.ops":
+            mmcv_ops.register_in_mmengine()
 
 
-def _missing_name(module_name: str, provided: list[str]):
-    def missing(name: str):
-        if name.startswith("__"):
+def _placeholders(module: types.ModuleType, provided: list[str]):
+    """Any other public name imports as a placeholder that fails when used (model packages
+    import dozens of ops at module level that a DCN model never runs)."""
+
+    def placeholder(name: str):
+        if name.startswith("_"):
             raise AttributeError(name)
-        raise ImportError(
-            f"{module_name}.{name} is not available: deformcli's import shim for {module_name} "
-            f"provides only deformable convolution ({', '.join(provided)})"
-        )
+        stand_in = mmcv_ops.unavailable(module.__name__, name, provided)
+        setattr(module, name, stand_in)
+        return stand_in
 
-    return missing
+    return placeholder
 
 
 _finder = _ShimFinder()

@@ -12,6 +12,7 @@ importable for the whole import, build, verification and export, and never remov
 import contextlib
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +25,14 @@ from deformcli.errors import ModelError
 from deformcli.families._base import DeformableConvBase
 from deformcli.families.mmcv import rename_version1_offset_keys
 
-__all__ = ["build_model", "fit_state_dict", "load_model", "name_layers", "user_code"]
+__all__ = [
+    "build_model",
+    "build_network",
+    "fit_state_dict",
+    "load_model",
+    "name_layers",
+    "user_code",
+]
 
 #: ``pkg.module:factory``, or the factory itself.
 Factory = str | Callable[..., nn.Module]
@@ -71,6 +79,22 @@ def build_model(factory: Factory, kwargs: str | dict | None = None) -> nn.Module
         raise ModelError(f"{label}: {name} returned {type(model).__name__}, not a torch.nn.Module")
     name_layers(model)
     return model
+
+
+def build_network(
+    factory: Factory | None = None,
+    kwargs: str | dict | None = None,
+    config: str | os.PathLike | None = None,
+) -> nn.Module:
+    """The user's model from a factory (:func:`build_model`) or an mmengine config file
+    (:func:`deformcli.mmlab.build_from_config`): exactly one of the two."""
+    if (factory is None) == (config is None):
+        raise ModelError("give either a model factory or an mmengine config, not both or neither")
+    if config is not None:
+        from deformcli.mmlab import build_from_config
+
+        return build_from_config(config)
+    return build_model(factory, kwargs)
 
 
 def _parse_kwargs(kwargs: str | dict | None) -> dict:
@@ -177,9 +201,10 @@ def _listing(label: str, keys: list[str], limit: int = 8) -> str:
 
 def load_model(
     path: str | Path,
-    factory: Factory,
+    factory: Factory | None = None,
     model_kwargs: str | dict | None = None,
     *,
+    config: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     trust_pickle: bool = False,
 ) -> nn.Module:
@@ -193,6 +218,7 @@ def load_model(
             shims active, so model code that imports ``assets.ops.dcn``, ``mmcv.ops`` or
             ``basicsr.ops.dcn`` (at module level or inside ``__init__``) gets deformcli's layers.
         model_kwargs: keyword arguments for the factory (a dict or a JSON object as text).
+        config: instead of a factory, an mmengine config file whose ``model`` to build.
         device: where to put the model.
 
     Returns:
@@ -207,7 +233,7 @@ def load_model(
     from deformcli.checkpoint import load_checkpoint
     from deformcli.surgery import swap
 
-    model = build_model(factory, model_kwargs)
+    model = build_network(factory, model_kwargs, config)
     fit_state_dict(model, load_checkpoint(path, trust_pickle=trust_pickle).state_dict)
     swap(model)  # layers built without the shims (torchvision's, say) become ours too
     name_layers(model)

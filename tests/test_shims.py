@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import deformcli.mmcv_ops
 import deformcli.shims
 from deformcli.families import legacy_dcn, mmcv
 from tests.families.standins import DB
@@ -152,9 +153,17 @@ def test_mmcv_and_basicsr_style_models(model_dir):
     assert mmcv_model(x).shape == basicsr_layer(x).shape == x.shape
 
 
-def test_missing_names_say_what_the_shim_provides():
-    with (
-        deformcli.shims.activated(),
-        pytest.raises(ImportError, match=r"mmcv.ops.nms is not available.*DeformConv2d"),
+def test_every_mmcv_ops_name_imports_and_fails_only_when_used():
+    with deformcli.shims.activated():
+        from assets.ops.dcn import DeformRoIPooling
+        from mmcv.ops import CARAFEPack, nms
+        from mmcv.ops.merge_cells import ConcatCell
+        from mmcv.ops.nms import batched_nms
+    assert nms is deformcli.mmcv_ops.nms and batched_nms is deformcli.mmcv_ops.batched_nms
+    for placeholder, name in (
+        (CARAFEPack, "mmcv.ops.CARAFEPack"),
+        (ConcatCell, "mmcv.ops.merge_cells.ConcatCell"),
+        (DeformRoIPooling, "assets.ops.dcn.DeformRoIPooling"),
     ):
-        from mmcv.ops import nms  # noqa: F401
+        with pytest.raises(NotImplementedError, match=rf"{name} is not available.*provides only"):
+            placeholder(16)

@@ -21,12 +21,18 @@ from deformcli.ops.deform_conv import deform_conv2d_mmcv_grad
 __all__ = [
     "DeformConv2d",
     "DeformConv2dPack",
+    "MmcvArgumentError",
     "ModulatedDeformConv2d",
     "ModulatedDeformConv2dPack",
     "deform_conv2d",
     "modulated_deform_conv2d",
     "rename_version1_offset_keys",
 ]
+
+
+class MmcvArgumentError(ValueError, AssertionError):
+    """A bad argument that mmcv rejects with ``assert``: a ValueError that is also the
+    AssertionError mmcv's own code and tests expect."""
 
 
 def deform_conv2d(
@@ -41,12 +47,15 @@ def deform_conv2d(
     bias: bool = False,
     im2col_step: int = 32,
 ) -> Tensor:
-    """mmcv's functional ``deform_conv2d`` (no bias; ``im2col_step`` accepted and ignored).
+    """mmcv's functional ``deform_conv2d`` (no bias).
 
-    ``groups`` and ``deform_groups`` must agree with the weight's and offset's shapes.
+    ``groups`` and ``deform_groups`` must agree with the weight's and offset's shapes; the
+    batch must be divisible by ``min(im2col_step, batch)``, as mmcv asserts (the step itself
+    changes nothing here).
     """
     if bias:
-        raise ValueError("mmcv's deform_conv2d has no bias (bias=True is not supported)")
+        raise MmcvArgumentError("mmcv's deform_conv2d has no bias (bias=True is not supported)")
+    check_im2col_step(input, im2col_step)
     _check_groups(input, offset, weight, groups, deform_groups, 2)
     return deform_conv2d_mmcv_grad(
         input, offset, weight, None, _pair(stride), _pair(padding), _pair(dilation)
@@ -70,6 +79,18 @@ def modulated_deform_conv2d(
     return deform_conv2d_mmcv_grad(
         input, offset, weight, bias, _pair(stride), _pair(padding), _pair(dilation), mask
     )
+
+
+def check_im2col_step(input: Tensor, im2col_step: int) -> None:
+    """mmcv's DCNv1 processes the batch ``im2col_step`` images at a time and asserts that
+    they divide it."""
+    batch = input.shape[0] if input.dim() == 4 else 0
+    step = min(im2col_step, batch)
+    if step > 0 and batch % step != 0:
+        raise MmcvArgumentError(
+            f"batch size must be divisible by im2col_step (batch {batch}, im2col_step "
+            f"{im2col_step})"
+        )
 
 
 def _check_groups(
@@ -144,7 +165,12 @@ class DeformConv2d(DeformableConvBase):
     ) -> None:
         super().__init__()
         if bias:
-            raise ValueError(f"bias={bias} is not supported in mmcv's DeformConv2d")
+            raise MmcvArgumentError(f"bias={bias} is not supported in mmcv's DeformConv2d")
+        if in_channels % groups != 0 or out_channels % groups != 0:
+            raise MmcvArgumentError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must both be "
+                f"divisible by groups ({groups})"
+            )
         self._init_geometry(
             in_channels,
             out_channels,
@@ -167,6 +193,7 @@ class DeformConv2d(DeformableConvBase):
         nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
 
     def forward(self, x: Tensor, offset: Tensor) -> Tensor:
+        check_im2col_step(x, self.im2col_step)
         return self.deform(x, offset)
 
 
@@ -188,6 +215,7 @@ class DeformConv2dPack(DeformConv2d):
         self.zero_offset_conv()
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        check_im2col_step(x, self.im2col_step)
         return self.deform(x, self.conv_offset(x))
 
 

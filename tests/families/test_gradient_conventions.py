@@ -193,3 +193,29 @@ def test_dcnv2pack_follows_torchvision():
         4.5,
         4.5,
     ]
+
+
+def test_mmcv_assertions_are_assertion_errors_as_in_mmcvs_tests():
+    # mmcv's tests/test_ops/test_deform_conv.py expects AssertionError for these.
+    for kwargs in (
+        dict(in_channels=1, out_channels=1, kernel_size=2, bias=True),
+        dict(in_channels=3, out_channels=2, kernel_size=3, groups=2),
+        dict(in_channels=3, out_channels=4, kernel_size=3, groups=3),
+    ):
+        with pytest.raises(AssertionError):
+            mmcv.DeformConv2d(**kwargs)
+        with pytest.raises(ValueError):  # and the ValueError a Python caller expects
+            mmcv.DeformConv2d(**kwargs)
+    assert not hasattr(mmcv.DeformConv2d(1, 1, 2), "bias")
+
+
+def test_mmcv_im2col_step_must_divide_the_batch():
+    layer = mmcv.DeformConv2dPack(1, 1, 2, im2col_step=3)
+    with pytest.raises(AssertionError, match="batch size must be divisible by im2col_step"):
+        layer(torch.randn(10, 1, 3, 3))
+    assert layer(torch.randn(9, 1, 3, 3)).shape == (9, 1, 2, 2)
+    # A batch smaller than the step is one step.
+    assert mmcv.DeformConv2dPack(1, 1, 2, im2col_step=2)(torch.randn(1, 1, 3, 3)).shape[0] == 1
+    offset = torch.zeros(10, 8, 2, 2)
+    with pytest.raises(AssertionError, match="batch size must be divisible by im2col_step"):
+        mmcv.deform_conv2d(torch.randn(10, 1, 3, 3), offset, torch.randn(1, 1, 2, 2), im2col_step=4)
