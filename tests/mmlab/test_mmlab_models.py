@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import deformcli
 import deformcli.cli
 from deformcli.families import mmcv as mmcv_family
 from deformcli.mmlab import build_from_config
@@ -116,6 +117,10 @@ def test_an_mmengine_checkpoint_converts_with_its_config_and_no_trust_pickle(
     assert converted.exit_code == 0, converted.output
     payload = json.loads(converted.output)
     assert payload["verification"]["passed"] and len(payload["deformcli_layers"]) == 13
+    loaded = deformcli.load_model(output, config=config)
+    image = torch.randn(1, 3, 160, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(image), model.eval()(image), rtol=0, atol=0)
     # A pickle that would run code is still refused, with the framework objects beside it.
     checkpoint["meta"]["hook"] = os.system
     evil = tmp_path / "evil.pth"
