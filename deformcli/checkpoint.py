@@ -503,7 +503,7 @@ def find_deformable_layers(
         for offset_name, family in (
             (f"{name}.conv_offset", "mmcv/BasicSR Pack"),
             (f"{name}_offset", "DB-style"),
-            (f"{name}.conv_offset_mask", "mmdet v1 Pack"),
+            (f"{name}.conv_offset_mask", "DCNv2 DCN / mmdet v1 Pack"),
         ):
             offset_weight = state_dict.get(f"{offset_name}.weight")
             if offset_weight is None or offset_weight.dim() != 4:

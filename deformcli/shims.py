@@ -1,11 +1,13 @@
 """Opt-in import shims: run unmodified model code that imports a compiled DCN extension.
 
-Model files import ``mmcv.ops``, ``assets.ops.dcn`` (the DB text detector) or
-``basicsr.ops.dcn``, which fail on a machine without the compiled extension. While the shims are
-installed, those imports (and their submodules ``mmcv.ops.deform_conv``,
-``assets.ops.dcn.modules.deform_conv``, ...) resolve to deformcli's drop-in layers instead,
-whatever is on ``sys.path``. Parent packages (``mmcv``, ``assets``, ``basicsr``...) still import
-from disk when they exist there, and are empty stand-ins when they do not.
+Model files import ``mmcv.ops``, ``assets.ops.dcn`` (the DB text detector), ``basicsr.ops.dcn``
+or CharlesShang's ``dcn_v2`` (any module named ``dcn_v2``: the top-level one YOLACT++ installs,
+CenterNet's ``...networks.DCNv2.dcn_v2``), which fail on a machine without the compiled
+extension. While the shims are installed, those imports (and their submodules
+``mmcv.ops.deform_conv``, ``assets.ops.dcn.modules.deform_conv``, ...) resolve to deformcli's
+drop-in layers instead, whatever is on ``sys.path``. Parent packages (``mmcv``, ``assets``,
+``basicsr``...) still import from disk when they exist there, and are empty stand-ins when they
+do not.
 
     import deformcli.shims
     deformcli.shims.install()                      # for the rest of the process
@@ -35,7 +37,7 @@ import types
 from collections.abc import Iterator
 
 from deformcli import mmcv_ops
-from deformcli.families import basicsr, db
+from deformcli.families import basicsr, db, dcn_v2
 
 __all__ = ["SHIMMED_MODULES", "activated", "install", "is_installed", "uninstall"]
 
@@ -58,6 +60,10 @@ _PARENT_PACKAGES = frozenset({"mmcv", "assets", "assets.ops", "basicsr", "basics
 def _source_of(name: str) -> types.ModuleType | None:
     if name.startswith("mmcv.ops."):
         return mmcv_ops
+    if name.rpartition(".")[2] == "dcn_v2":
+        # CharlesShang's DCNv2 wherever it is vendored: CenterNet's
+        # lib.models.networks.DCNv2.dcn_v2, SMOKE's smoke.layers.dcn_v2, the top-level dcn_v2.
+        return dcn_v2
     return SHIMMED_MODULES.get(name)
 
 

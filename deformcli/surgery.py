@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deformcli.families import basicsr, db, legacy_dcn, mmcv
+from deformcli.families import basicsr, db, dcn_v2, legacy_dcn, mmcv
 from deformcli.ops.deform_conv import DeformConv2d
 
 __all__ = ["SwapRecord", "convert_layer", "find_replacement", "swap"]
@@ -28,8 +28,12 @@ _REPLACEMENTS: dict[tuple[str, str], type[nn.Module]] = {
     ("basicsr.archs.arch_util", "DCNv2Pack"): basicsr.DCNv2Pack,
 }
 
+# CharlesShang's DCNv2 is vendored under many package names: matched by the module's last
+# component (``dcn_v2``) and the class name.
+_DCN_V2_REPLACEMENTS: dict[str, type[nn.Module]] = {"DCNv2": dcn_v2.DCNv2, "DCN": dcn_v2.DCN}
+
 # Our classes are already what surgery produces.
-_OURS = frozenset(_REPLACEMENTS.values())
+_OURS = frozenset(_REPLACEMENTS.values()) | frozenset(_DCN_V2_REPLACEMENTS.values())
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ def _replacement_for_class(cls: type) -> type[nn.Module] | None:
             return DeformConv2d
     except ImportError:
         pass
+    if cls.__module__.rpartition(".")[2] == "dcn_v2" and cls.__name__ in _DCN_V2_REPLACEMENTS:
+        return _DCN_V2_REPLACEMENTS[cls.__name__]
     for (prefix, name), target in _REPLACEMENTS.items():
         if cls.__name__ == name and (
             cls.__module__ == prefix or cls.__module__.startswith(prefix + ".")

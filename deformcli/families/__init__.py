@@ -5,6 +5,8 @@
   detector and BasicSR (``basicsr.ops.dcn``).
 * :mod:`deformcli.families.db`: DB's copy (``assets.ops.dcn``), whose ``*Pack`` layers differ.
 * :mod:`deformcli.families.basicsr`: BasicSR's ``DCNv2Pack`` on top of the legacy layers.
+* :mod:`deformcli.families.dcn_v2`: CharlesShang's ``DCNv2``/``DCN`` (CenterNet, FairMOT,
+  CenterTrack, SMOKE, YOLACT++).
 
 torchvision's ``DeformConv2d`` is :class:`deformcli.DeformConv2d` itself.
 """
