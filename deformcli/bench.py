@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,8 @@ class LayerTiming:
     dense_ms: float
     #: ``torch.compile`` of deformcli's op, when asked for.
     compiled_ms: float | None = None
+    #: Per implementation, the 25th and 75th percentile of the rounds (ms): the spread.
+    spread_ms: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def speedup_vs_torchvision(self) -> float | None:
@@ -155,10 +157,11 @@ def torchvision_available() -> bool:
     return True
 
 
-def _interleaved_medians(
+def _interleaved_times(
     runs: dict[str, Callable[[], None]], device: str, rounds: int, warmup: int
-) -> dict[str, float]:
-    """Median milliseconds of each run, the runs interleaved round by round."""
+) -> dict[str, list[float]]:
+    """Milliseconds of every timed round of each run, the runs interleaved round by round (so
+    that a machine getting busier slows them all alike)."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for round_index in range(warmup + rounds):
         for name, run in runs.items():
@@ -167,8 +170,8 @@ def _interleaved_medians(
             run()
             _synchronize(device)
             if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def _runs(run: Callable[[], None]) -> bool:
@@ -186,8 +189,9 @@ def _timing(
     device: str,
     backward: bool,
     rounds: int,
-    medians: dict[str, float],
+    times: dict[str, list[float]],
 ) -> LayerTiming:
+    medians = {name: statistics.median(values) for name, values in times.items()}
     return LayerTiming(
         shape=shape,
         dtype=str(dtype).removeprefix("torch."),
@@ -198,7 +202,15 @@ def _timing(
         torchvision_ms=medians.get("torchvision"),
         dense_ms=medians["dense"],
         compiled_ms=medians.get("deformcli-compiled"),
+        spread_ms={name: _quartiles(values) for name, values in times.items()},
     )
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    if len(values) < 2:
+        return [values[0], values[0]]
+    first, _, third = statistics.quantiles(values, n=4, method="inclusive")
+    return [first, third]
 
 
 def time_layer(
@@ -219,8 +231,8 @@ def time_layer(
     runs = {name: layer_callable(name, tensors, backward) for name in names}
     if "torchvision" in runs and not _runs(runs["torchvision"]):
         del runs["torchvision"]  # e.g. its CPU kernel has no bfloat16: reported as n/a
-    medians = _interleaved_medians(runs, device, rounds, warmup)
-    return _timing(shape, dtype, device, backward, rounds, medians)
+    times = _interleaved_times(runs, device, rounds, warmup)
+    return _timing(shape, dtype, device, backward, rounds, times)
 
 
 def time_model(
@@ -252,8 +264,8 @@ def time_model(
                     network(image)
 
         runs[name] = run
-    medians = _interleaved_medians(runs, device, rounds, warmup)
-    return _timing((1, 3, size, size), dtype, device, backward, rounds, medians)
+    times = _interleaved_times(runs, device, rounds, warmup)
+    return _timing((1, 3, size, size), dtype, device, backward, rounds, times)
 
 
 def peak_memory_mib(

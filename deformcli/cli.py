@@ -421,6 +421,14 @@ def verify(
     input_shape: InputShapeOption = "1,3,640,640",
     input_file: InputFileOption = None,
     trust_pickle: TrustPickleFlag = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Also draw input, both output maps and their difference (PNG; matplotlib).",
+        ),
+    ] = None,
+    force: ForceFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Prove equivalence with torchvision's kernel (op or file).
@@ -431,6 +439,7 @@ def verify(
     \b
     Example: deformcli verify
     Example: deformcli verify dbnet.deformcli.safetensors --model mypkg.model:build
+    Example: deformcli verify dbnet.safetensors --model mypkg.model:build --plot dbnet.png
     """
     from deformcli.verify import conformance_case_count, run_conformance
 
@@ -459,6 +468,10 @@ def verify(
 
     if model is None and config is None:
         raise DeformcliError("verify PATH needs --model or --config to build the model to check")
+    if plot is not None:
+        from deformcli.output_file import check_output
+
+        check_output(plot, replace=force)
     from deformcli.convert import verify_file
 
     comparison = verify_file(
@@ -470,11 +483,26 @@ def verify(
         input_path=input_file,
         config=config,
     )
+    if plot is not None:
+        _plot_comparison(comparison, plot, force)
     if as_json:
         _print_json(comparison.to_dict())
     else:
         _print_comparison(comparison)
+        if plot is not None:
+            console.print(f"Wrote [bold]{escape(str(plot))}[/]", highlight=False)
     raise typer.Exit(EXIT_OK if comparison.passed else EXIT_VERIFICATION_FAILED)
+
+
+def _plot_comparison(comparison, path: Path, replace: bool) -> None:
+    from deformcli.plot import is_image_map, plot_comparison
+
+    if comparison.outputs is None or not is_image_map(comparison.outputs[1]):
+        shape = None if comparison.outputs is None else list(comparison.outputs[1].shape)
+        raise DeformcliError(
+            f"--plot {path}: the model's output {shape} is not an image-shaped map (N, C, H, W)"
+        )
+    plot_comparison(*comparison.outputs, path, replace=replace)
 
 
 @contextlib.contextmanager
@@ -698,16 +726,32 @@ def demo(
         verification = report["conversion"]["verification"]
         console.print(
             f"2. Converted to [bold]{escape(report['conversion']['output'])}[/]: "
-            f"{len(report['conversion']['swapped'])} layers swapped, end-to-end max rel error "
+            f"{len(report['conversion']['deformcli_layers'])} deformcli layers, end-to-end max "
+            "rel error "
             f"{verification['max_rel']:.2e} ({'passed' if verification['passed'] else 'FAILED'})",
             highlight=False,
         )
+        if report["picture"]:
+            console.print(
+                f"3. Both models on an image with text: [bold]{escape(report['picture'])}[/] "
+                "(input, torchvision's map, deformcli's map, their difference: max "
+                f"{report['map_max_abs_difference']:.1e})",
+                highlight=False,
+            )
+        else:
+            console.print(f"3. No picture: {escape(report['picture_note'])}", highlight=False)
         timing = report["bench"]
+        spread = timing["spread_ms"]
+
+        def timed(name: str, key: str) -> str:
+            low, high = spread[name]
+            return f"{name} {timing[key]:.0f} ms ({low:.0f}-{high:.0f})"
+
         console.print(
-            f"3. Whole model forward, {timing['shape']}: "
-            f"deformcli {timing['deformcli_ms']:.0f} ms, "
-            f"torchvision {timing['torchvision_ms']:.0f} ms, "
-            f"dense conv {timing['dense_ms']:.0f} ms (median of {timing['rounds']})",
+            f"4. Whole model forward, {tuple(timing['shape'])}, median and interquartile range "
+            f"of {timing['rounds']} interleaved rounds: {timed('deformcli', 'deformcli_ms')}, "
+            f"{timed('torchvision', 'torchvision_ms')}, {timed('dense', 'dense_ms')} (dense "
+            "convolutions in place of the deformable ones: the floor)",
             highlight=False,
         )
         console.print(

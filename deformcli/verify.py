@@ -189,13 +189,17 @@ class ModelComparison:
     layers: list[LayerError] = field(default_factory=list)
     checked: str = END_TO_END
     problems: list[str] = field(default_factory=list)
+    #: The sample and each model's first output tensor (for pictures; not in ``to_dict``).
+    outputs: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
 
     @property
     def passed(self) -> bool:
         return not self.problems and self.max_rel <= self.tolerance
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
+        fields = {name: value for name, value in vars(self).items() if name != "outputs"}
+        fields["layers"] = [asdict(layer) for layer in self.layers]
+        return {**fields, "passed": self.passed}
 
 
 class NonFiniteOffsetsError(Exception):
@@ -361,7 +365,13 @@ def compare_models(
         if path in captured["reference"] and path in captured["converted"]
     ]
     return ModelComparison(
-        list(inputs.shape), max_abs, max_rel, tolerance, layers, problems=problems
+        list(inputs.shape),
+        max_abs,
+        max_rel,
+        tolerance,
+        layers,
+        problems=problems,
+        outputs=(inputs, expected[0], actual[0]),
     )
 
 
