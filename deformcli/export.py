@@ -161,7 +161,7 @@ def export_checkpoint(
 
     output = check_output(output, replace=force, inputs=(source,))
     if len(input_shape) != 4:
-        raise DeformcliError(f"--input-shape {input_shape}: expected N,C,H,W")
+        raise DeformcliError(f"input shape {list(input_shape)}: expected N,C,H,W")
     batch, channels, height, width = input_shape
     check_allocation((max(batch, 2), channels, height, width), torch.float32, "input shape")
     generator = torch.Generator().manual_seed(0)

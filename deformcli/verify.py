@@ -421,7 +421,7 @@ def _hint(module: nn.Module, message: str, inputs: Tensor) -> str:
             "the stride of the layer that computes them with this layer's stride)"
         )
     if "channel" in text or "size" in text or "shape" in text:
-        return f" (is --input-shape right? the sample was {list(inputs.shape)})"
+        return f" (is the input shape right? the sample was {list(inputs.shape)})"
     return ""
 
 
