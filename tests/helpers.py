@@ -1,5 +1,6 @@
-"""Shared test helpers: random problems and scale-aware comparisons."""
+"""Shared test helpers: random problems, scale-aware comparisons, a code-running pickle."""
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -110,3 +111,13 @@ def assert_outputs_and_grads_close(
     """Two :func:`forward_and_grads` results agree, each tensor named in the message."""
     for name, a, e in zip(names_for(problem), actual, expected, strict=True):
         assert_close_scaled(a, e, tol, name)
+
+
+class RunsCode:
+    """Unpickling this runs os.system: a loader that executes pickles would create ``marker``."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

@@ -19,16 +19,7 @@ from deformcli.errors import CheckpointError
 from deformcli.families import mmcv
 from deformcli.models.dbnet import build_dbnet
 from deformcli.output_file import OutputError, OutputExistsError
-
-
-class _RunsCode:
-    """Unpickling this runs os.system: a loader that executes pickles would create the file."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+from tests.helpers import RunsCode
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +60,13 @@ def test_unpickles_no_code_by_default(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "evil.pth"
     # A torch file (legacy format) whose pickle names a global: a pickle of objects.
-    torch.save({"state_dict": _RunsCode(marker)}, path, _use_new_zipfile_serialization=False)
+    torch.save({"state_dict": RunsCode(marker)}, path, _use_new_zipfile_serialization=False)
     with pytest.raises(PickledObjectsError, match=r"pickled Python objects.*weights-only load"):
         load_checkpoint(path)
     # A plain pickle is not a torch checkpoint at all: trusting it could only run its code.
     plain = tmp_path / "plain.pth"
     for protocol in (2, pickle.DEFAULT_PROTOCOL):
-        plain.write_bytes(pickle.dumps({"state_dict": _RunsCode(marker)}, protocol=protocol))
+        plain.write_bytes(pickle.dumps({"state_dict": RunsCode(marker)}, protocol=protocol))
         with pytest.raises(CheckpointError, match="plain Python pickle") as error:
             load_checkpoint(plain, trust_pickle=True)
         assert not isinstance(error.value, PickledObjectsError)

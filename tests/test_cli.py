@@ -18,6 +18,7 @@ from deformcli import __version__
 from deformcli.cli import app
 from deformcli.models.dbnet import build_dbnet
 from deformcli.verify import ModelComparison
+from tests.helpers import RunsCode
 
 runner = CliRunner()
 MODEL = "deformcli.models.dbnet:build_dbnet"
@@ -139,14 +140,6 @@ def test_verification_failure_exits_1_and_writes_nothing(
     assert forced.exit_code == 1 and out.exists()
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 MODEL_FILES = {
     "returns_int.py": "def build():\n    return 3\n",
     "needs_compiled_op.py": "import deformcli_missing_extension\n",
@@ -172,10 +165,10 @@ def _bad_inputs(tmp: Path, checkpoint: Path) -> dict:
     cases["truncated zip"] = ([str(tmp / "cut.pth")], "truncated or corrupt|could not be read")
     (tmp / "noise.pth").write_bytes(os.urandom(512))
     cases["random bytes"] = ([str(tmp / "noise.pth")], "not a checkpoint: neither a torch file")
-    torch.save(_RunsCode(marker), tmp / "evil.pth", _use_new_zipfile_serialization=False)
+    torch.save(RunsCode(marker), tmp / "evil.pth", _use_new_zipfile_serialization=False)
     cases["code-running pickle"] = ([str(tmp / "evil.pth")], "--trust-pickle")
     with open(tmp / "plain.pth", "wb") as file:
-        pickle.dump(_RunsCode(marker), file)
+        pickle.dump(RunsCode(marker), file)
     cases["plain pickle"] = ([str(tmp / "plain.pth")], "plain Python pickle")
     torch.save({"epoch": 1, "history": [1.0]}, tmp / "odd.pth")
     cases["unknown layout"] = ([str(tmp / "odd.pth")], "unknown checkpoint layout")

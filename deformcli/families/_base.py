@@ -138,3 +138,22 @@ def split_offset_and_mask(offset_and_mask: Tensor) -> tuple[Tensor, Tensor]:
     """
     o1, o2, mask = offset_and_mask.chunk(3, dim=1)
     return torch.cat((o1, o2), dim=1), mask.sigmoid()
+
+
+class OffsetMaskPack(nn.Module):
+    """The ``conv_offset_mask`` layout (DB's ``ModulatedDeformConvPack``, DCNv2's ``DCN``), mixed
+    in before a modulated layer class: a zero-initialised convolution with the layer's kernel,
+    stride and padding (no dilation, as in both originals) predicts ``3 * groups * kH * kW``
+    channels, split by :func:`split_offset_and_mask`. forward(x ``(N, C_in, H, W)``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.conv_offset_mask = self.make_offset_conv(3, dilated=False)
+        self.init_offset()
+
+    def init_offset(self) -> None:
+        self.zero_offset_conv()
+
+    def forward(self, x: Tensor) -> Tensor:
+        offset, mask = split_offset_and_mask(self.conv_offset_mask(x))
+        return self.deform(x, offset, mask)

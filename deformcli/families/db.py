@@ -10,7 +10,7 @@ copy than BasicSR's: ``ModulatedDeformConvPack`` predicts offsets and mask with
 
 from torch import Tensor
 
-from deformcli.families._base import split_offset_and_mask
+from deformcli.families._base import OffsetMaskPack
 from deformcli.families.legacy_dcn import (
     DeformConv,
     KernelReadWarning,
@@ -48,19 +48,7 @@ class DeformConvPack(DeformConv):
         return self.deform(x, self.conv_offset(x))
 
 
-class ModulatedDeformConvPack(ModulatedDeformConv):
+class ModulatedDeformConvPack(OffsetMaskPack, ModulatedDeformConv):
     """DB's ``ModulatedDeformConvPack``: zero-initialised ``conv_offset_mask`` (without the
     layer's dilation) gives ``3 * deformable_groups * kH * kW`` channels, split as
     ``o1, o2, mask = chunk(3)``, offset ``cat(o1, o2)``, ``sigmoid(mask)``."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.conv_offset_mask = self.make_offset_conv(3, dilated=False)
-        self.init_offset()
-
-    def init_offset(self) -> None:
-        self.zero_offset_conv()
-
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        offset, mask = split_offset_and_mask(self.conv_offset_mask(x))
-        return self.deform(x, offset, mask)

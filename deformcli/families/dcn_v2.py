@@ -26,7 +26,7 @@ so model files load, and raise a clear error when used.
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from deformcli.families._base import DeformableConvBase, split_offset_and_mask
+from deformcli.families._base import DeformableConvBase, OffsetMaskPack
 from deformcli.mmcv_ops import unavailable
 from deformcli.ops.deform_conv import deform_conv2d_mmcv_grad
 
@@ -94,20 +94,8 @@ class DCNv2(DeformableConvBase):
         return self.deform(input, offset, mask)
 
 
-class DCN(DCNv2):
+class DCN(OffsetMaskPack, DCNv2):
     """``dcn_v2.DCN``: predicts offset and mask with ``conv_offset_mask``; forward(input)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.conv_offset_mask = self.make_offset_conv(3, dilated=False)
-        self.init_offset()
-
-    def init_offset(self) -> None:
-        self.zero_offset_conv()
-
-    def forward(self, input: Tensor) -> Tensor:  # type: ignore[override]
-        offset, mask = split_offset_and_mask(self.conv_offset_mask(input))
-        return self.deform(input, offset, mask)
 
 
 _PROVIDED = ["DCNv2", "DCN", "dcn_v2_conv"]
