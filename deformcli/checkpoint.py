@@ -173,7 +173,10 @@ def _check_readable(path: Path) -> None:
     if not stat.S_ISREG(status.st_mode):
         raise CheckpointError(f"{path}: is not a regular file (a FIFO, socket or device)")
     if status.st_size == 0:
-        raise CheckpointError(f"{path}: file is empty (0 bytes)")
+        raise CheckpointError(
+            f"{path}: file is empty (0 bytes; a file of /proc or /sys also reports 0 bytes, "
+            "and is not a checkpoint)"
+        )
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"{path}: cannot read it (permission denied)")
 

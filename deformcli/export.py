@@ -120,21 +120,30 @@ def export_onnx(
 
 
 def onnxruntime_max_error(path: str | Path, model: nn.Module, inputs: list[Tensor]) -> float:
-    """Max abs difference between onnxruntime (CPU) and PyTorch over ``inputs``."""
+    """Max abs difference between onnxruntime (CPU) and PyTorch over ``inputs``, over every
+    output (a model may return a tensor, or tuples, lists and dicts of them, flattened in
+    order as the exporter flattens them)."""
     try:
         import onnxruntime
     except ImportError:
         raise DeformcliError(
             "checking the export needs onnxruntime: pip install 'deformcli[onnx]'"
         ) from None
+    from deformcli.verify import as_tensors
+
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     worst = 0.0
     with torch.no_grad():
         for sample in inputs:
-            expected = model.eval()(sample)
-            (actual,) = session.run(None, {name: sample.numpy()})
-            worst = max(worst, (torch.from_numpy(actual) - expected).abs().max().item())
+            expected = as_tensors(model.eval()(sample))
+            actual = session.run(None, {name: sample.numpy()})
+            if len(actual) != len(expected):
+                raise ExportError(
+                    f"the ONNX graph has {len(actual)} outputs, the model {len(expected)}"
+                )
+            for ours, theirs in zip(actual, expected, strict=True):
+                worst = max(worst, (torch.from_numpy(ours) - theirs).abs().max().item())
     return worst
 
 

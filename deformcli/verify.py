@@ -264,13 +264,15 @@ def reference_model(model: nn.Module, refuse_non_finite: bool = True) -> nn.Modu
     return reference
 
 
-def _as_tensors(output) -> list[Tensor]:
+def as_tensors(output) -> list[Tensor]:
+    """Every tensor in a model's output (a tensor, or tuples, lists and dicts of them), in
+    order."""
     if isinstance(output, Tensor):
         return [output]
     if isinstance(output, dict):
-        return [t for value in output.values() for t in _as_tensors(value)]
+        return [t for value in output.values() for t in as_tensors(value)]
     if isinstance(output, (list, tuple)):
-        return [t for value in output for t in _as_tensors(value)]
+        return [t for value in output for t in as_tensors(value)]
     return []
 
 
@@ -339,15 +341,15 @@ def compare_models(
             module = model.get_submodule(path)
 
             def hook(_module, _inputs, output, label=label, path=path):
-                captured[label][path] = [t.detach() for t in _as_tensors(output)]
+                captured[label][path] = [t.detach() for t in as_tensors(output)]
 
             handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
             with naming_failures(reference, "the reference model (torchvision's kernel)", inputs):
-                expected = _as_tensors(reference.eval()(inputs))
+                expected = as_tensors(reference.eval()(inputs))
             with naming_failures(converted, "the converted model", inputs):
-                actual = _as_tensors(converted.eval()(inputs))
+                actual = as_tensors(converted.eval()(inputs))
     except NonFiniteOffsetsError as stopped:
         return ModelComparison(list(inputs.shape), 0.0, 0.0, tolerance, [], problems=[str(stopped)])
     finally:

@@ -137,3 +137,28 @@ def test_swapped_torchvision_model_compiles():
     with torch.no_grad():
         x = torch.randn(1, 3, 64, 64)
         assert_close_scaled(torch.compile(model, fullgraph=True)(x), model(x), 1e-5)
+
+
+class TwoHeads(torch.nn.Module):
+    """CenterNet's output shape: a list holding a dict of heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = build_tiny()
+        self.wh = torch.nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        features = self.body(x)
+        return [{"hm": features.sigmoid(), "wh": self.wh(features)}]
+
+
+def test_onnx_check_compares_every_output(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from deformcli.export import export_onnx, onnxruntime_max_error
+
+    model = TwoHeads().eval()
+    path = export_onnx(model, torch.randn(2, 8, 16, 16), tmp_path / "heads.onnx")
+    assert onnxruntime_max_error(path, model, [torch.randn(1, 8, 16, 16)]) <= 1e-4
+    with torch.no_grad():
+        model.wh.bias.add_(1.0)  # PyTorch now differs from the exported graph in one head only
+    assert onnxruntime_max_error(path, model, [torch.randn(1, 8, 16, 16)]) >= 0.99
