@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import pickle
+import pickletools
 import stat
 import warnings
 import zipfile
@@ -233,6 +234,8 @@ def _load_torch(
     """
     if file_format == "torch zip":
         _check_zip(path)
+    else:
+        _check_legacy_sizes(path)
     locations: dict[int, str] = {}
 
     def record_location(storage, location: str):
@@ -394,6 +397,70 @@ def _check_zip(path: Path) -> None:
         ) from None
     if corrupt is not None:
         raise CheckpointError(f"{path}: member {corrupt!r} is corrupt (its CRC does not match)")
+
+
+# Bytes per element of the legacy format's storage classes (torch.FloatStorage...).
+_STORAGE_ELEMENT_BYTES = {
+    "DoubleStorage": 8,
+    "FloatStorage": 4,
+    "HalfStorage": 2,
+    "BFloat16Storage": 2,
+    "LongStorage": 8,
+    "IntStorage": 4,
+    "ShortStorage": 2,
+    "CharStorage": 1,
+    "ByteStorage": 1,
+    "BoolStorage": 1,
+    "ComplexFloatStorage": 8,
+    "ComplexDoubleStorage": 16,
+}
+_INTEGER_OPCODES = {"BININT", "BININT1", "BININT2", "LONG1", "LONG4", "INT", "LONG"}
+
+
+def _check_legacy_sizes(path: Path) -> None:
+    """torch's legacy loader allocates every storage at the size its pickle declares before
+    reading the data: refuse a file that declares more tensor bytes than it holds."""
+    declared = _legacy_storage_bytes(path)
+    size = path.stat().st_size
+    if declared is not None and declared > size:
+        raise CheckpointError(
+            f"{path}: declares {declared:,} bytes of tensor data in a {size:,}-byte file "
+            "(truncated or corrupt); refusing to allocate them"
+        )
+
+
+def _legacy_storage_bytes(path: Path) -> int | None:
+    """The tensor bytes a legacy torch file declares: each storage's persistent id is
+    ``('storage', torch.<Type>Storage, key, location, numel, ...)`` in the main pickle, which
+    follows the magic number, protocol and system-info pickles. None if it cannot be read so."""
+    storages: dict[str, int] = {}
+    try:
+        with open(path, "rb") as file:
+            for _ in range(3):
+                for _ in pickletools.genops(file):
+                    pass
+            fields: dict[str, object] = {}
+            for opcode, argument, _ in pickletools.genops(file):
+                name = opcode.name
+                if name.endswith("PUT") or name.endswith("GET") or name == "MEMOIZE":
+                    continue
+                if argument == "storage":
+                    fields = {"step": "type"}
+                elif fields.get("step") == "type" and name == "GLOBAL":
+                    fields.update(type=str(argument).split()[-1], step="key")
+                elif fields.get("step") == "key" and "UNICODE" in name:
+                    fields.update(key=argument, step="location")
+                elif fields.get("step") == "location" and "UNICODE" in name:
+                    fields["step"] = "numel"
+                elif fields.get("step") == "numel" and name in _INTEGER_OPCODES:
+                    fields.update(numel=argument, step="done")
+                elif name == "BINPERSID" and fields.get("step") == "done":
+                    element = _STORAGE_ELEMENT_BYTES.get(str(fields["type"]), 1)
+                    storages[str(fields["key"])] = int(fields["numel"]) * element
+                    fields = {}
+    except Exception:
+        return None
+    return sum(storages.values())
 
 
 def _refusal_detail(message: str) -> str:

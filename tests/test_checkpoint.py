@@ -89,7 +89,7 @@ def test_whole_pickled_model_needs_trust(tmp_path):
     [
         (lambda p: None, "no such file"),
         (lambda p: p.mkdir(), "is a directory"),
-        (lambda p: p.write_bytes(b""), r"file is empty \(0 bytes\)"),
+        (lambda p: p.write_bytes(b""), r"file is empty \(0 bytes"),
         (
             lambda p: p.write_bytes(os.urandom(256)),
             r"not a checkpoint: neither a torch file \(zip or pickle\) nor safetensors",
@@ -177,3 +177,13 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - safetensors refuses non-tensors
         save_safetensors({"a": "not a tensor"}, tmp_path / "x.safetensors", {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_legacy_file_declaring_more_tensor_bytes_than_it_holds_is_refused(tmp_path):
+    # torch's legacy loader would allocate what the pickle declares before reading anything.
+    path = tmp_path / "legacy.pth"
+    torch.save({"w": torch.ones(1000, 1000)}, path, _use_new_zipfile_serialization=False)
+    assert load_checkpoint(path).state_dict["w"].shape == (1000, 1000)
+    path.write_bytes(path.read_bytes()[:100_000])
+    with pytest.raises(CheckpointError, match=r"declares 4,000,000 bytes of tensor data in a "):
+        load_checkpoint(path)
