@@ -684,12 +684,12 @@ def export_command(
             config=config,
         )
     if as_json:
-        _print_json(report)
+        _print_json(report.to_dict())
     else:
         console.print(
-            f"Wrote [bold]{escape(report['output'])}[/] (opset {report['opset']}, {graph} graph, "
+            f"Wrote [bold]{escape(str(report.output))}[/] (opset {report.opset}, {graph} graph, "
             "dynamic batch/height/width); onnxruntime vs PyTorch max abs error "
-            f"{report['onnxruntime_max_abs_error']:.2e}",
+            f"{report.onnxruntime_max_abs_error:.2e}",
             highlight=False,
         )
 
@@ -716,42 +716,43 @@ def demo(
     with _steps(not as_json) as step:
         report = run_demo(out_dir, step=step)
     if as_json:
-        _print_json(report)
+        _print_json(report.to_dict())
     else:
         console.print(
-            f"1. Saved a CUDA-style DBNet checkpoint: [bold]{escape(report['checkpoint'])}[/]",
+            f"1. Saved a CUDA-style DBNet checkpoint: [bold]{escape(str(report.checkpoint))}[/]",
             highlight=False,
         )
-        console.print(f"   ({report['layers_found']} deformable layers found in its tensors)")
-        verification = report["conversion"]["verification"]
+        console.print(f"   ({report.layers_found} deformable layers found in its tensors)")
+        conversion = report.conversion
+        verification = conversion.verification
         console.print(
-            f"2. Converted to [bold]{escape(report['conversion']['output'])}[/]: "
-            f"{len(report['conversion']['deformcli_layers'])} deformcli layers, end-to-end max "
+            f"2. Converted to [bold]{escape(str(conversion.output))}[/]: "
+            f"{len(conversion.deformcli_layers)} deformcli layers, end-to-end max "
             "rel error "
-            f"{verification['max_rel']:.2e} ({'passed' if verification['passed'] else 'FAILED'})",
+            f"{verification.max_rel:.2e} ({'passed' if verification.passed else 'FAILED'})",
             highlight=False,
         )
-        if report["picture"]:
+        if report.picture is not None:
             console.print(
-                f"3. Both models on an image with text: [bold]{escape(report['picture'])}[/] "
+                f"3. Both models on an image with text: [bold]{escape(str(report.picture))}[/] "
                 "(input, torchvision's map, deformcli's map, their difference: max "
-                f"{report['map_max_abs_difference']:.1e})",
+                f"{report.map_max_abs_difference:.1e})",
                 highlight=False,
             )
         else:
-            console.print(f"3. No picture: {escape(report['picture_note'])}", highlight=False)
-        timing = report["bench"]
-        spread = timing["spread_ms"]
+            console.print(f"3. No picture: {escape(str(report.picture_note))}", highlight=False)
+        timing = report.bench
 
-        def timed(name: str, key: str) -> str:
-            low, high = spread[name]
-            return f"{name} {timing[key]:.0f} ms ({low:.0f}-{high:.0f})"
+        def timed(name: str, median_ms: float) -> str:
+            low, high = timing.spread_ms[name]
+            return f"{name} {median_ms:.0f} ms ({low:.0f}-{high:.0f})"
 
         console.print(
-            f"4. Whole model forward, {tuple(timing['shape'])}, median and interquartile range "
-            f"of {timing['rounds']} interleaved rounds: {timed('deformcli', 'deformcli_ms')}, "
-            f"{timed('torchvision', 'torchvision_ms')}, {timed('dense', 'dense_ms')} (dense "
-            "convolutions in place of the deformable ones: the floor)",
+            f"4. Whole model forward, {tuple(timing.shape)}, median and interquartile range "
+            f"of {timing.rounds} interleaved rounds: {timed('deformcli', timing.deformcli_ms)}, "
+            f"{timed('torchvision', timing.torchvision_ms)}, "
+            f"{timed('dense', timing.dense_ms)} (dense convolutions in place of the deformable "
+            "ones: the floor)",
             highlight=False,
         )
         console.print(
@@ -760,7 +761,7 @@ def demo(
             f"{escape(str(out_dir))}/",
             highlight=False,
         )
-    if not report["conversion"]["verification"]["passed"]:
+    if not report.conversion.verified:
         raise typer.Exit(EXIT_VERIFICATION_FAILED)
 
 

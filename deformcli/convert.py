@@ -59,7 +59,7 @@ class ConversionResult:
             "source": str(self.source),
             "output": str(self.output) if self.output else None,
             "layers": [layer.to_dict() for layer in self.layers],
-            "swapped": [vars(record) for record in self.swapped],
+            "swapped": [record.to_dict() for record in self.swapped],
             "deformcli_layers": self.deformcli_layers,
             "verification": self.verification.to_dict() if self.verification else None,
             "notes": self.notes,

@@ -1,14 +1,15 @@
 """``deformcli demo``: the main job end to end on the bundled example DBNet, with a picture."""
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from deformcli.bench import time_model
+from deformcli.bench import LayerTiming, time_model
 from deformcli.checkpoint import find_deformable_layers, load_checkpoint
-from deformcli.convert import convert
+from deformcli.convert import ConversionResult, convert
 from deformcli.errors import CheckpointError
 from deformcli.models.dbnet import build_dbnet
 from deformcli.output_file import writing
@@ -18,18 +19,42 @@ from deformcli.user_model import load_model
 MODEL_SPEC = "deformcli.models.dbnet:build_dbnet"
 
 
+@dataclass
+class DemoResult:
+    """What ``deformcli demo`` made: the files, the conversion, the picture and the timing."""
+
+    checkpoint: Path
+    layers_found: int
+    conversion: ConversionResult
+    #: ``demo.png``, or None (and ``picture_note`` says why) without matplotlib.
+    picture: Path | None
+    picture_note: str | None
+    map_max_abs_difference: float
+    bench: LayerTiming
+
+    def to_dict(self) -> dict:
+        return {
+            "checkpoint": str(self.checkpoint),
+            "layers_found": self.layers_found,
+            "conversion": self.conversion.to_dict(),
+            "picture": None if self.picture is None else str(self.picture),
+            "picture_note": self.picture_note,
+            "map_max_abs_difference": self.map_max_abs_difference,
+            "bench": self.bench.to_dict(),
+        }
+
+
 def run_demo(
     out_dir: Path,
     step: Callable[[str], None] | None = None,
     size: int = 320,
     rounds: int = 9,
-) -> dict:
+) -> DemoResult:
     """Save the example DBNet as a GPU training script would (torchvision layers, DataParallel
     ``module.`` prefix, inside a training-state container), convert it with verification, run
     the original and the converted model on an image with text drawn on it and draw their
     probability maps side by side (``demo.png``, needs matplotlib), and time the whole model
-    (``rounds`` interleaved rounds, median and interquartile range). Returns a JSON-able
-    report; files go to ``out_dir``.
+    (``rounds`` interleaved rounds, median and interquartile range). Files go to ``out_dir``.
     """
     step = step or (lambda _message: None)
     out_dir = Path(out_dir)
@@ -79,18 +104,18 @@ def run_demo(
     except MatplotlibMissingError as error:  # say how to get the picture instead
         picture, picture_note = None, str(error)
     else:
-        picture, picture_note = str(picture_path), None
+        picture, picture_note = picture_path, None
     step("timing the whole model")
     timing = time_model(rounds=rounds, size=size)
-    return {
-        "checkpoint": str(checkpoint),
-        "layers_found": len(layers),
-        "conversion": result.to_dict(),
-        "picture": picture,
-        "picture_note": picture_note,
-        "map_max_abs_difference": (reference_map - converted_map).abs().max().item(),
-        "bench": timing.to_dict(),
-    }
+    return DemoResult(
+        checkpoint=checkpoint,
+        layers_found=len(layers),
+        conversion=result,
+        picture=picture,
+        picture_note=picture_note,
+        map_max_abs_difference=(reference_map - converted_map).abs().max().item(),
+        bench=timing,
+    )
 
 
 def text_image(size: int) -> torch.Tensor:

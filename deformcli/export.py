@@ -11,6 +11,7 @@ Two graphs are on offer:
 Requires the ``onnx`` extra (``pip install 'deformcli[onnx]'``).
 """
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from deformcli.errors import DeformcliError
 
-__all__ = ["ONNX_OPSET", "ExportError", "export_checkpoint", "export_onnx"]
+__all__ = ["ONNX_OPSET", "ExportError", "ExportResult", "export_checkpoint", "export_onnx"]
 
 ONNX_OPSET = 20
 GRAPHS = ("standard", "native")
@@ -26,6 +27,21 @@ GRAPHS = ("standard", "native")
 
 class ExportError(DeformcliError):
     """The model could not be exported, or the export does not match it."""
+
+
+@dataclass
+class ExportResult:
+    """A written ONNX file and how it was checked against PyTorch in onnxruntime."""
+
+    output: Path
+    graph: str
+    opset: int
+    onnxruntime_max_abs_error: float
+    checked_shapes: list[list[int]]
+    dynamic_axes: tuple[str, ...] = ("batch", "height", "width")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "output": str(self.output), "dynamic_axes": list(self.dynamic_axes)}
 
 
 def _deform_conv_translation():
@@ -158,7 +174,7 @@ def export_checkpoint(
     force: bool = False,
     tolerance: float = 1e-4,
     config: str | Path | None = None,
-) -> dict:
+) -> "ExportResult":
     """``deformcli export``: checkpoint (or converted safetensors) + model factory -> ONNX,
     checked in onnxruntime against PyTorch on the example shape and a second, different one."""
     from deformcli.checkpoint import load_checkpoint
@@ -201,11 +217,10 @@ def export_checkpoint(
                     f"onnxruntime differs from PyTorch by {error:.2e} (> {tolerance:g}); "
                     "nothing written"
                 )
-    return {
-        "output": str(output),
-        "graph": graph,
-        "opset": ONNX_OPSET,
-        "dynamic_axes": ["batch", "height", "width"],
-        "onnxruntime_max_abs_error": error,
-        "checked_shapes": [list(example.shape), list(other.shape)],
-    }
+    return ExportResult(
+        output=output,
+        graph=graph,
+        opset=ONNX_OPSET,
+        onnxruntime_max_abs_error=error,
+        checked_shapes=[list(example.shape), list(other.shape)],
+    )

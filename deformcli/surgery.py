@@ -7,7 +7,7 @@ forward, so it is reported as skipped rather than silently replaced.
 """
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -48,6 +48,9 @@ class SwapRecord:
     @property
     def swapped(self) -> bool:
         return self.target is not None and self.skipped_reason is None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "swapped": self.swapped}
 
 
 def _qualified_name(cls: type) -> str:

@@ -22,7 +22,7 @@ def test_demo_draws_both_models_on_a_text_image(tmp_path, monkeypatch):
 
     monkeypatch.setattr(deformcli.demo, "plot_comparison", capture)
     report = deformcli.demo.run_demo(tmp_path, size=64, rounds=1)
-    picture = Image.open(report["picture"])
+    picture = Image.open(report.picture)
     picture.verify()
     assert picture.format == "PNG" and picture.size[0] > 3 * picture.size[1]
     # The panels are the original (torchvision's kernel) and a deformcli model with its weights.
@@ -34,9 +34,9 @@ def test_demo_draws_both_models_on_a_text_image(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(drawn["reference"], original(image))
         assert torch.equal(drawn["converted"], ours.eval()(image))
-    assert report["map_max_abs_difference"] < 1e-5
-    spread = report["bench"]["spread_ms"]
-    assert set(spread) == {"deformcli", "torchvision", "dense"}
+    assert report.map_max_abs_difference < 1e-5
+    assert set(report.bench.spread_ms) == {"deformcli", "torchvision", "dense"}
+    assert report.to_dict()["picture"] == str(report.picture)
 
 
 def test_without_matplotlib_the_demo_says_how_to_get_the_picture(tmp_path, monkeypatch):
@@ -45,7 +45,7 @@ def test_without_matplotlib_the_demo_says_how_to_get_the_picture(tmp_path, monke
 
     monkeypatch.setattr(deformcli.plot, "_pyplot", missing)
     report = deformcli.demo.run_demo(tmp_path, size=64, rounds=1)
-    assert report["picture"] is None and "pip install" in report["picture_note"]
+    assert report.picture is None and "pip install" in report.picture_note
     assert not (tmp_path / "demo.png").exists()
 
 
