@@ -17,6 +17,7 @@ from torch import Tensor, nn
 import deformcli
 from deformcli.checkpoint import (
     DeformableLayerInfo,
+    LoadedCheckpoint,
     find_deformable_layers,
     load_checkpoint,
     load_tensor,
@@ -111,71 +112,97 @@ def convert(
 
     step(f"loading {source.name}")
     checkpoint = load_checkpoint(source, trust_pickle=trust_pickle)
-    notes = list(checkpoint.notes)
-    layers = find_deformable_layers(checkpoint.state_dict, checkpoint.saved_devices, notes)
+    result = ConversionResult(source, None, [], [], None, list(checkpoint.notes))
+    result.layers = find_deformable_layers(
+        checkpoint.state_dict, checkpoint.saved_devices, result.notes
+    )
     devices = sorted(set(checkpoint.saved_devices.values()))
     if devices and devices != ["cpu"]:
-        notes.append(f"tensors were saved on {', '.join(devices)}; loaded on the CPU")
+        result.notes.append(f"tensors were saved on {', '.join(devices)}; loaded on the CPU")
 
-    swapped: list[SwapRecord] = []
-    verification = None
-    deformcli_layers: list[str] = []
     if model is not None or config is not None or checkpoint.module is not None:
-        with user_code():
-            if model is not None or config is not None:
-                step(f"building {model or Path(config).name}")
-                network = build_network(model, model_kwargs, config)
-            else:
-                network = checkpoint.module
-                notes.append("using the model pickled in the checkpoint")
-            _, fit_notes = fit_state_dict(network, checkpoint.state_dict)
-            notes.extend(fit_notes)
-            network = network.to("cpu", _verification_dtype(target_dtype, network)).eval()
-            step("swapping deformable layers" + (" and verifying" if verify else ""))
-            sample = None
-            if verify:
-                sample = _sample_input(
-                    input_shape, Path(input_path) if input_path else None, _floating_dtype(network)
-                )
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", KernelReadWarning)
-                swapped, verification = swap_and_compare(network, sample, tolerance)
-            notes.extend(_kernel_read_notes(caught))
-        deformcli_layers = _deformcli_layer_paths(network)
-        if not deformcli_layers:
-            notes.append("the model has no deformable layers that deformcli recognises")
-        state_dict = _cast(network.state_dict(), target_dtype)
-        if target_dtype is not None and target_dtype != _floating_dtype(network):
-            notes.append(
-                f"verified in {_dtype_name(_floating_dtype(network))} (torchvision's CPU kernel, "
-                f"the reference, has no {_dtype_name(target_dtype)}); weights written as "
-                f"{_dtype_name(target_dtype)}"
-            )
+        sample_path = Path(input_path) if input_path else None
+        state_dict = _convert_in_model(
+            checkpoint,
+            result,
+            (model, model_kwargs, config),
+            target_dtype,
+            (input_shape, sample_path) if verify else None,
+            tolerance,
+            step,
+        )
     else:
         state_dict = _cast(checkpoint.state_dict, target_dtype)
-        if verify and layers:
+        if verify and result.layers:
             step("checking each deformable layer's weights against torchvision's kernel")
-            verification = check_layer_weights(
-                state_dict, [layer.name for layer in layers], tolerance=tolerance or 1e-4
+            result.verification = check_layer_weights(
+                state_dict, [layer.name for layer in result.layers], tolerance=tolerance or 1e-4
             )
 
-    result = ConversionResult(source, None, layers, swapped, verification, notes, deformcli_layers)
     if not result.verified and not force:
         return result
     step(f"writing {output.name}")
-    metadata = {
+    result.output = save_safetensors(
+        state_dict, output, _metadata(result, checkpoint.sha256), force=force, protect=(source,)
+    )
+    return result
+
+
+def _convert_in_model(
+    checkpoint: LoadedCheckpoint,
+    result: ConversionResult,
+    factory: tuple[str | None, str | None, str | Path | None],
+    target_dtype: torch.dtype | None,
+    sample: tuple[tuple[int, ...], Path | None] | None,
+    tolerance: float | None,
+    step: Callable[[str], None],
+) -> dict[str, Tensor]:
+    """Build the model (``factory``: model spec, its kwargs, config; or the pickled one), load
+    the checkpoint into it, swap its layers and, with ``sample`` (shape, saved input), verify.
+    Fills ``result``; returns the state_dict to write."""
+    model, model_kwargs, config = factory
+    with user_code():
+        if model is not None or config is not None:
+            step(f"building {model or Path(config).name}")
+            network = build_network(model, model_kwargs, config)
+        else:
+            network = checkpoint.module
+            result.notes.append("using the model pickled in the checkpoint")
+        result.notes.extend(fit_state_dict(network, checkpoint.state_dict)[1])
+        network = network.to("cpu", _verification_dtype(target_dtype, network)).eval()
+        step("swapping deformable layers" + (" and verifying" if sample else ""))
+        inputs = None
+        if sample is not None:
+            inputs = _sample_input(sample[0], sample[1], _floating_dtype(network))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", KernelReadWarning)
+            result.swapped, result.verification = swap_and_compare(network, inputs, tolerance)
+        result.notes.extend(_kernel_read_notes(caught))
+    result.deformcli_layers = _deformcli_layer_paths(network)
+    if not result.deformcli_layers:
+        result.notes.append("the model has no deformable layers that deformcli recognises")
+    if target_dtype is not None and target_dtype != _floating_dtype(network):
+        result.notes.append(
+            f"verified in {_dtype_name(_floating_dtype(network))} (torchvision's CPU kernel, "
+            f"the reference, has no {_dtype_name(target_dtype)}); weights written as "
+            f"{_dtype_name(target_dtype)}"
+        )
+    return _cast(network.state_dict(), target_dtype)
+
+
+def _metadata(result: ConversionResult, source_sha256: str) -> dict[str, object]:
+    """What the written file records of its making."""
+    return {
         "format": "pt",
         "deformcli_version": deformcli.__version__,
         "torch_version": torch.__version__,
-        "source_file": source.name,
-        "source_sha256": checkpoint.sha256,
-        "deformable_layers": [layer.to_dict() for layer in layers],
-        "swapped_layers": [r.path for r in swapped if r.swapped],
-        "deformcli_layers": deformcli_layers,
-        "verification": verification.to_dict() if verification else "skipped",
+        "source_file": result.source.name,
+        "source_sha256": source_sha256,
+        "deformable_layers": [layer.to_dict() for layer in result.layers],
+        "swapped_layers": [r.path for r in result.swapped if r.swapped],
+        "deformcli_layers": result.deformcli_layers,
+        "verification": result.verification.to_dict() if result.verification else "skipped",
     }
-    result.output = save_safetensors(state_dict, output, metadata, force=force, protect=(source,))
-    return result
 
 
 def swap_and_compare(
