@@ -24,6 +24,7 @@ from deformcli.output_file import OutputError, writing
 
 __all__ = [
     "CONTAINER_KEYS",
+    "CheckpointSummary",
     "DeformableLayerInfo",
     "LoadedCheckpoint",
     "PickledObjectsError",
@@ -33,6 +34,7 @@ __all__ = [
     "load_tensor",
     "save_safetensors",
     "sha256_of",
+    "summarize",
 ]
 
 #: Keys under which training scripts nest the weights, tried in this order.
@@ -91,6 +93,50 @@ class DeformableLayerInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class CheckpointSummary:
+    """What ``deformcli inspect`` reports of a loaded checkpoint."""
+
+    path: Path
+    format: str
+    sha256: str
+    tensors: int
+    parameters: int
+    bytes: int
+    saved_on: list[str]
+    notes: list[str]
+    deformable_layers: list[DeformableLayerInfo]
+
+    def to_dict(self) -> dict:
+        return {
+            **{name: value for name, value in vars(self).items() if name != "deformable_layers"},
+            "path": str(self.path),
+            "deformable_layers": [layer.to_dict() for layer in self.deformable_layers],
+        }
+
+
+def summarize(loaded: LoadedCheckpoint, model: nn.Module | None = None) -> CheckpointSummary:
+    """The checkpoint's size, devices, notes and deformable layers: recognised from the tensors
+    alone, or, given the model (a pickled one, or one built from a config), from its classes,
+    which say more."""
+    notes = list(loaded.notes)
+    layers = find_deformable_layers(loaded.state_dict, loaded.saved_devices, notes)
+    model = model if model is not None else loaded.module
+    if model is not None:
+        layers = find_deformable_modules(model) or layers
+    return CheckpointSummary(
+        path=loaded.path,
+        format=loaded.format,
+        sha256=loaded.sha256,
+        tensors=len(loaded.state_dict),
+        parameters=sum(t.numel() for t in loaded.state_dict.values()),
+        bytes=sum(t.numel() * t.element_size() for t in loaded.state_dict.values()),
+        saved_on=sorted(set(loaded.saved_devices.values())) or ["cpu"],
+        notes=notes,
+        deformable_layers=layers,
+    )
 
 
 def sha256_of(path: Path) -> str:

@@ -196,52 +196,31 @@ def inspect(
     Example: deformcli inspect model_final.pth
     Example: deformcli inspect epoch_1200.pth --config dbnet_resnet50-dcnv2_fpnc_1200e_icdar2015.py
     """
-    from deformcli.checkpoint import (
-        find_deformable_layers,
-        find_deformable_modules,
-        load_checkpoint,
-    )
+    from deformcli.checkpoint import load_checkpoint, summarize
 
     with _steps(not as_json) as step:
         step(f"loading {checkpoint.name}")
         loaded = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
-    near_misses: list[str] = []
-    layers = find_deformable_layers(loaded.state_dict, loaded.saved_devices, near_misses)
-    loaded.notes.extend(near_misses)
-    if loaded.module is not None:
-        # A whole pickled model: its classes say more than its tensors.
-        layers = find_deformable_modules(loaded.module) or layers
-    elif config is not None:
-        # The config's model names the layers the tensors alone cannot (mmcv's Pack layers
-        # keep their offset conv inside, as <name>.conv_offset, which the tensors show too).
-        from deformcli.mmlab import build_from_config
+        model = None
+        if config is not None and loaded.module is None:
+            # The config's model names layers by class, which says more than the tensors.
+            from deformcli.mmlab import build_from_config
 
-        with _steps(not as_json) as step:
             step(f"building the model of {config.name}")
-            layers = find_deformable_modules(build_from_config(config)) or layers
-    total_bytes = sum(t.numel() * t.element_size() for t in loaded.state_dict.values())
-    summary = {
-        "path": str(loaded.path),
-        "format": loaded.format,
-        "sha256": loaded.sha256,
-        "tensors": len(loaded.state_dict),
-        "parameters": sum(t.numel() for t in loaded.state_dict.values()),
-        "bytes": total_bytes,
-        "saved_on": sorted(set(loaded.saved_devices.values())) or ["cpu"],
-        "notes": loaded.notes,
-        "deformable_layers": [layer.to_dict() for layer in layers],
-    }
+            model = build_from_config(config)
+    summary = summarize(loaded, model)
     if as_json:
-        _print_json(summary)
+        _print_json(summary.to_dict())
         return
     console.print(
-        f"[bold]{escape(str(loaded.path))}[/] ({loaded.format}, {summary['tensors']} tensors, "
-        f"{summary['parameters']:,} values, {total_bytes / 2**20:.1f} MiB, saved on "
-        f"{', '.join(summary['saved_on'])})",
+        f"[bold]{escape(str(summary.path))}[/] ({summary.format}, {summary.tensors} tensors, "
+        f"{summary.parameters:,} values, {summary.bytes / 2**20:.1f} MiB, saved on "
+        f"{', '.join(summary.saved_on)})",
         highlight=False,
     )
-    for note in loaded.notes:
+    for note in summary.notes:
         console.print(f"  - {escape(note)}", highlight=False)
+    layers = summary.deformable_layers
     if not layers:
         console.print("No deformable layers recognised from the tensors alone.")
         return
