@@ -1,0 +1,43 @@
+"""deformcli.bench and deformcli.plot as libraries."""
+
+import pytest
+import torch
+from PIL import Image
+
+from deformcli.bench import LayerTiming, _quartiles, make_layer_inputs, time_layer
+from deformcli.output_file import OutputExistsError
+from deformcli.plot import plot_timings
+from deformcli.validation import InputError
+
+
+def test_a_layer_timing_has_medians_and_the_spread_of_the_same_rounds():
+    timing = time_layer((1, 8, 12, 12), rounds=5, warmup=1)
+    assert set(timing.spread_ms) == {"deformcli", "torchvision", "dense"}
+    for name, median in (("deformcli", timing.deformcli_ms), ("dense", timing.dense_ms)):
+        low, high = timing.spread_ms[name]
+        assert 0 < low <= median <= high
+    assert timing.to_dict()["ratio_to_dense"] == pytest.approx(timing.ratio_to_dense)
+
+
+def test_quartiles():
+    assert _quartiles([5.0]) == [5.0, 5.0]
+    assert _quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == [2.0, 4.0]
+
+
+def test_layer_inputs_refuse_what_cannot_fit():
+    tensors = make_layer_inputs((2, 4, 5, 6), torch.float64)
+    assert tensors["offset"].shape == (2, 18, 5, 6) and tensors["weight"].dtype == torch.float64
+    with pytest.raises(InputError, match="weight"):
+        make_layer_inputs((1, 10**6, 4, 4))
+    with pytest.raises(InputError, match="between 1 and"):
+        make_layer_inputs((1, 0, 4, 4))
+
+
+def test_plot_timings_writes_a_png_once(tmp_path):
+    timing = LayerTiming((1, 8, 8, 8), "float32", "cpu", False, 3, 2.0, 6.0, 1.0)
+    rows = [timing.to_dict()]
+    path = plot_timings(rows, tmp_path / "chart.png", "title")
+    Image.open(path).verify()
+    with pytest.raises(OutputExistsError):
+        plot_timings(rows, path, "title")
+    plot_timings(rows, path, "again", replace=True)
