@@ -84,7 +84,7 @@ def _sample_input(input_shape: tuple[int, ...], input_path: Path | None, dtype) 
 
 
 def convert(
-    source: str | Path,
+    checkpoint: str | Path,
     output: str | Path | None = None,
     *,
     model: str | None = None,
@@ -99,31 +99,29 @@ def convert(
     tolerance: float | None = None,
     step: Callable[[str], None] | None = None,
 ) -> ConversionResult:
-    """Convert ``source`` into a CPU-ready safetensors file; see the module docstring.
+    """Convert ``checkpoint`` into a CPU-ready safetensors file; see the module docstring.
 
     Returns the result; ``output`` is None when verification failed and ``force`` is not set
     (nothing is written then). Bad input raises :class:`deformcli.errors.DeformcliError`.
     """
     step = step or (lambda _message: None)
-    source = Path(source)
-    output = Path(output) if output is not None else default_output_path(source)
-    check_output(output, replace=force, inputs=(source,))
+    checkpoint = Path(checkpoint)
+    output = Path(output) if output is not None else default_output_path(checkpoint)
+    check_output(output, replace=force, inputs=(checkpoint,))
     target_dtype = parse_dtype(dtype) if dtype else None
 
-    step(f"loading {source.name}")
-    checkpoint = load_checkpoint(source, trust_pickle=trust_pickle)
-    result = ConversionResult(source, None, [], [], None, list(checkpoint.notes))
-    result.layers = find_deformable_layers(
-        checkpoint.state_dict, checkpoint.saved_devices, result.notes
-    )
-    devices = sorted(set(checkpoint.saved_devices.values()))
+    step(f"loading {checkpoint.name}")
+    loaded = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
+    result = ConversionResult(checkpoint, None, [], [], None, list(loaded.notes))
+    result.layers = find_deformable_layers(loaded.state_dict, loaded.saved_devices, result.notes)
+    devices = sorted(set(loaded.saved_devices.values()))
     if devices and devices != ["cpu"]:
         result.notes.append(f"tensors were saved on {', '.join(devices)}; loaded on the CPU")
 
-    if model is not None or config is not None or checkpoint.module is not None:
+    if model is not None or config is not None or loaded.module is not None:
         sample_path = Path(input_path) if input_path else None
         state_dict = _convert_in_model(
-            checkpoint,
+            loaded,
             result,
             (model, model_kwargs, config),
             target_dtype,
@@ -132,7 +130,7 @@ def convert(
             step,
         )
     else:
-        state_dict = _cast(checkpoint.state_dict, target_dtype)
+        state_dict = _cast(loaded.state_dict, target_dtype)
         if verify and result.layers:
             step("checking each deformable layer's weights against torchvision's kernel")
             result.verification = check_layer_weights(
@@ -143,7 +141,7 @@ def convert(
         return result
     step(f"writing {output.name}")
     result.output = save_safetensors(
-        state_dict, output, _metadata(result, checkpoint.sha256), force=force, protect=(source,)
+        state_dict, output, _metadata(result, loaded.sha256), force=force, protect=(checkpoint,)
     )
     return result
 
@@ -221,7 +219,7 @@ def swap_and_compare(
 
 
 def verify_file(
-    path: str | Path,
+    checkpoint: str | Path,
     model: str | None = None,
     model_kwargs: str | None = None,
     input_shape: tuple[int, ...] = (1, 3, 640, 640),
@@ -234,7 +232,7 @@ def verify_file(
     (or the tensor saved at ``input_path``)."""
     with user_code():
         network = build_network(model, model_kwargs, config)
-        fit_state_dict(network, load_checkpoint(path, trust_pickle=trust_pickle).state_dict)
+        fit_state_dict(network, load_checkpoint(checkpoint, trust_pickle=trust_pickle).state_dict)
         network = network.to("cpu").eval()
         sample = _sample_input(
             input_shape, Path(input_path) if input_path else None, _floating_dtype(network)

@@ -164,7 +164,7 @@ def onnxruntime_max_error(path: str | Path, model: nn.Module, inputs: list[Tenso
 
 
 def export_checkpoint(
-    source: str | Path,
+    checkpoint: str | Path,
     output: str | Path,
     model: str | None,
     model_kwargs: str | None = None,
@@ -184,7 +184,7 @@ def export_checkpoint(
     from deformcli.validation import check_allocation
     from deformcli.verify import naming_failures
 
-    output = check_output(output, replace=force, inputs=(source,))
+    output = check_output(output, replace=force, inputs=(checkpoint,))
     if len(input_shape) != 4:
         raise DeformcliError(f"input shape {list(input_shape)}: expected N,C,H,W")
     batch, channels, height, width = input_shape
@@ -193,14 +193,14 @@ def export_checkpoint(
     example = torch.randn(max(batch, 2), channels, height, width, generator=generator)
     with user_code():
         network = build_network(model, model_kwargs, config)
-        fit_state_dict(network, load_checkpoint(source, trust_pickle=trust_pickle).state_dict)
+        fit_state_dict(network, load_checkpoint(checkpoint, trust_pickle=trust_pickle).state_dict)
         swap(network)
         network = network.to("cpu", torch.float32).eval()
         # Run it once first: a model that cannot take the example fails here, named, not
         # hundreds of lines deep inside the exporter.
         with torch.no_grad(), naming_failures(network, "the model", example):
             network(example)
-        with writing(output, replace=force, inputs=(source,)) as temporary:
+        with writing(output, replace=force, inputs=(checkpoint,)) as temporary:
             try:
                 export_onnx(network, example, temporary, graph=graph)
             except DeformcliError:
