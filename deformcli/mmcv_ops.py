@@ -13,8 +13,8 @@ importing the real ``mmcv.ops`` does (and in mmcv 1.x's ``CONV_LAYERS``).
 """
 
 import sys
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
@@ -27,6 +27,9 @@ from deformcli.families.mmcv import (
     deform_conv2d,
     modulated_deform_conv2d,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "DeformConv2d",
@@ -62,22 +65,27 @@ def unavailable(module_name: str, name: str, provided: list[str]) -> type:
     return type(name, (), {"__new__": refuse, "__module__": module_name, "__doc__": refuse.__doc__})
 
 
+def _is_numpy(value: object) -> bool:
+    """numpy arrays without importing numpy (torch runs without it; mmcv's callers pass both)."""
+    return type(value).__module__ == "numpy" and hasattr(value, "__array__")
+
+
 def nms(
-    boxes: Tensor | np.ndarray,
-    scores: Tensor | np.ndarray,
+    boxes: "Tensor | np.ndarray",
+    scores: "Tensor | np.ndarray",
     iou_threshold: float,
     offset: int = 0,
     score_threshold: float = 0,
     max_num: int = -1,
-) -> tuple[Tensor | np.ndarray, Tensor | np.ndarray]:
+) -> "tuple[Tensor | np.ndarray, Tensor | np.ndarray]":
     """mmcv's ``nms``: boxes ``(N, 4)`` xyxy, scores ``(N,)`` -> ``(dets (K, 5), keep (K,))``,
     kept boxes with their scores, highest score first; numpy in, numpy out.
 
     ``offset=1`` measures widths as ``x2 - x1 + 1`` (mmdetection v1's pixel convention).
     """
-    is_numpy = isinstance(boxes, np.ndarray)
+    is_numpy = _is_numpy(boxes)
     boxes_t = torch.from_numpy(boxes) if is_numpy else boxes
-    scores_t = torch.from_numpy(scores) if isinstance(scores, np.ndarray) else scores
+    scores_t = torch.from_numpy(scores) if _is_numpy(scores) else scores
     if boxes_t.dim() != 2 or boxes_t.shape[1] != 4 or boxes_t.shape[0] != scores_t.shape[0]:
         raise AssertionError(
             f"nms expects boxes (N, 4) and scores (N,), got {list(boxes_t.shape)} and "
