@@ -536,6 +536,10 @@ def bench(
 
     torch_dtype = parse_dtype(dtype)
     device = str(parse_device(device))
+    if plot is not None:
+        from deformcli.output_file import check_output
+
+        check_output(plot, replace=force)  # before minutes of timing, not after
     if shape is not None:
         shapes = [parse_shape(shape, "--shape")]
     elif preset == "dbnet-layers":

@@ -307,6 +307,13 @@ def test_bench_arguments(args, message):
     assert message in one_line_error(invoke("bench", *args))
 
 
+def test_a_plot_that_cannot_be_written_is_refused_before_timing(tmp_path):
+    (tmp_path / "chart.png").write_bytes(b"mine")
+    text = one_line_error(invoke("bench", "--plot", tmp_path / "chart.png", "--rounds", "99"))
+    assert "already exists; pass --force" in text
+    assert (tmp_path / "chart.png").read_bytes() == b"mine"
+
+
 def test_user_code_that_exits_or_breaks(tmp_path, checkpoint, monkeypatch):
     (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\n")
     monkeypatch.chdir(tmp_path)
