@@ -52,7 +52,6 @@ CONTAINER_KEYS = (
     "params_ema",
 )
 
-TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".pkl", ".tar")
 
 #: How deep containers may nest before the layout is called unknown (real ones nest 1-3 deep).
 MAX_CONTAINER_DEPTH = 8
