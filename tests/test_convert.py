@@ -166,3 +166,14 @@ def test_load_model_from_a_callable_and_a_plain_load_state_dict(tmp_path, stride
         # The loaded model names its layer; the one built by hand knows only its class.
         layers = [message.split(":")[0] for message in messages]
         assert layers == ["conv2 (ModulatedDeformConv)", "ModulatedDeformConv"]
+
+
+def test_a_file_converted_without_a_model_loads_into_the_factory_model(tmp_path):
+    # The no-model path keeps the checkpoint's keys (a trainer's model.module.*); load_model
+    # strips them as convert --model does.
+    model = DbStyleBlock(DB["ModulatedDeformConv"])
+    torch.save({f"model.module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "final")
+    output = convert(tmp_path / "final").output
+    loaded = deformcli.load_model(output, build_lazily)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
