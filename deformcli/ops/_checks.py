@@ -5,7 +5,25 @@ padding or dilation values raise ``ValueError``. Every message names the tensor,
 expected and what was given.
 """
 
+from typing import NamedTuple
+
 from torch import Tensor
+
+
+class Geometry(NamedTuple):
+    """One call's checked geometry: what the formulations need besides the tensors.
+
+    ``groups``: conv groups (``C_in // weight.shape[1]``); ``offset_groups``:
+    ``offset.shape[1] // (2 * kH * kW)``; ``out_h``, ``out_w``: the output size.
+    """
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    offset_groups: int
+    out_h: int
+    out_w: int
 
 
 def check_deform_conv2d_arguments(
@@ -17,12 +35,8 @@ def check_deform_conv2d_arguments(
     padding: tuple[int, int],
     dilation: tuple[int, int],
     mask: Tensor | None,
-) -> tuple[int, int, int, int]:
-    """Validate the op's arguments.
-
-    Returns:
-        ``(groups, offset_groups, out_h, out_w)``.
-    """
+) -> Geometry:
+    """Validate the op's arguments; returns the call's :class:`Geometry`."""
     if stride[0] <= 0 or stride[1] <= 0:
         raise ValueError(f"stride must be positive, got {stride}")
     if padding[0] < 0 or padding[1] < 0:
@@ -98,7 +112,7 @@ def check_deform_conv2d_arguments(
             raise RuntimeError(
                 f"bias has shape {list(bias.shape)}, expected [{out_channels}] (out_channels)"
             )
-    return groups, offset_groups, out_h, out_w
+    return Geometry(stride, padding, dilation, groups, offset_groups, out_h, out_w)
 
 
 def _check_dims(name: str, tensor: Tensor, layout: str) -> None:

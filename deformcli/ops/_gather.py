@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from deformcli.ops._checks import Geometry
 from deformcli.ops._chunking import chunk_rows
 
 
@@ -25,13 +26,8 @@ def gather_deform_conv2d(
     offset: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
     mask: Tensor | None,
-    offset_groups: int,
-    out_h: int,
-    out_w: int,
+    geometry: Geometry,
     sample_dtype: torch.dtype,
     gemm_dtype: torch.dtype,
     needs_grad: bool,
@@ -39,15 +35,18 @@ def gather_deform_conv2d(
 ) -> Tensor:
     """:func:`deformcli.deform_conv2d` on checked CPU arguments (TorchScript: without autograd).
 
-    Shapes are those of :func:`deformcli.deform_conv2d`. Sampling runs in ``sample_dtype`` and
+    Shapes are those of :func:`deformcli.deform_conv2d`; ``geometry`` is the call's checked
+    stride, padding, dilation, groups and output size. Sampling runs in ``sample_dtype`` and
     the GEMM in ``gemm_dtype``; the result is contiguous ``(N, C_out, H_out, W_out)`` in the
     input's dtype. ``needs_grad``: whether the call records an autograd graph.
     ``offset_grad_inside_only`` picks mmcv's offset-gradient convention over torchvision's
     (see ``deformcli.ops.deform_conv._deform_conv2d``).
     """
+    stride, padding, dilation = geometry.stride, geometry.padding, geometry.dilation
+    offset_groups, out_h, out_w = geometry.offset_groups, geometry.out_h, geometry.out_w
     batch, in_channels, height, width = input.shape
     out_channels, group_in_channels, kernel_h, kernel_w = weight.shape
-    groups = in_channels // group_in_channels
+    groups = geometry.groups
     kernel_points = kernel_h * kernel_w
 
     # One table row per (n, y, x, offset group) of the image framed by a one-pixel zero border:

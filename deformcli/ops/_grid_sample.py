@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from deformcli.ops._checks import Geometry
 from deformcli.ops._chunking import chunk_rows
 
 
@@ -24,13 +25,8 @@ def grid_sample_deform_conv2d(
     offset: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
     mask: Tensor | None,
-    offset_groups: int,
-    out_h: int,
-    out_w: int,
+    geometry: Geometry,
     sample_dtype: torch.dtype,
     gemm_dtype: torch.dtype,
     offset_grad_inside_only: bool,
@@ -38,15 +34,18 @@ def grid_sample_deform_conv2d(
 ) -> Tensor:
     """:func:`deformcli.deform_conv2d` on checked arguments, any device.
 
-    Shapes are those of :func:`deformcli.deform_conv2d`. Sampling runs in ``sample_dtype`` and
+    Shapes are those of :func:`deformcli.deform_conv2d`; ``geometry`` is the call's checked
+    stride, padding, dilation, groups and output size. Sampling runs in ``sample_dtype`` and
     the GEMM in ``gemm_dtype``; the result has the input's dtype. ``offset_grad_inside_only``
     picks mmcv's offset-gradient convention over torchvision's. ``exporting``: the graph keeps
     H and W symbolic, so coordinates are normalised with the true size (no power-of-two
     padding; values agree to float rounding).
     """
+    stride, padding, dilation = geometry.stride, geometry.padding, geometry.dilation
+    offset_groups, out_h, out_w = geometry.offset_groups, geometry.out_h, geometry.out_w
     batch, in_channels, height, width = input.shape
     out_channels, group_in_channels, kernel_h, kernel_w = weight.shape
-    groups = in_channels // group_in_channels
+    groups = geometry.groups
     kernel_points = kernel_h * kernel_w
 
     padded_h, padded_w = height, width

@@ -137,7 +137,7 @@ def _deform_conv2d(
     for points exactly on ``y == -1`` or ``x == -1``, where torchvision's one-sided derivative
     sees row or column 0.
     """
-    _, offset_groups, out_h, out_w = check_deform_conv2d_arguments(
+    geometry = check_deform_conv2d_arguments(
         input, offset, weight, bias, stride, padding, dilation, mask
     )
 
@@ -159,17 +159,12 @@ def _deform_conv2d(
             offset,
             weight,
             bias,
-            stride,
-            padding,
-            dilation,
             mask,
-            offset_groups,
-            out_h,
-            out_w,
-            sample_dtype,
-            gemm_dtype,
-            needs_grad,
-            offset_grad_inside_only,
+            geometry,
+            sample_dtype=sample_dtype,
+            gemm_dtype=gemm_dtype,
+            needs_grad=needs_grad,
+            offset_grad_inside_only=offset_grad_inside_only,
         )
 
     return grid_sample_deform_conv2d(
@@ -177,17 +172,12 @@ def _deform_conv2d(
         offset,
         weight,
         bias,
-        stride,
-        padding,
-        dilation,
         mask,
-        offset_groups,
-        out_h,
-        out_w,
-        sample_dtype,
-        gemm_dtype,
-        offset_grad_inside_only,
-        exporting,
+        geometry,
+        sample_dtype=sample_dtype,
+        gemm_dtype=gemm_dtype,
+        offset_grad_inside_only=offset_grad_inside_only,
+        exporting=exporting,
     )
 
 
