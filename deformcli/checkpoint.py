@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from deformcli.errors import CheckpointError
+from deformcli.errors import CheckpointError, first_line
 from deformcli.output_file import OutputError, writing
 
 __all__ = [
@@ -323,10 +323,9 @@ def _load_torch(
         raise
     except Exception as error:
         # Random bytes and truncated files fail anywhere inside the unpickler.
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CheckpointError(
             f"{path}: could not be read as a torch checkpoint ({type(error).__name__}: "
-            f"{first_line})"
+            f"{first_line(error) or type(error).__name__})"
         ) from None
     return obj, locations
 

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from deformcli import __version__
-from deformcli.errors import DeformcliError
+from deformcli.errors import DeformcliError, first_line
 from deformcli.validation import parse_device, parse_dtype, parse_shape
 
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -92,10 +92,9 @@ def _command(function: Callable) -> Callable:
         except (Exception, SystemExit) as error:
             if type(error).__module__.split(".")[0] in ("click", "typer"):
                 raise  # usage errors: the command line's own message and exit code
-            first_line = (str(error).strip().splitlines() or [""])[0]
             _fail(
-                f"internal error: {type(error).__name__}: {first_line} (rerun with --debug for "
-                "the traceback, and please report it)",
+                f"internal error: {type(error).__name__}: {first_line(error)} (rerun with "
+                "--debug for the traceback, and please report it)",
                 EXIT_INTERNAL_ERROR,
                 kwargs,
             )

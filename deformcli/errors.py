@@ -11,3 +11,9 @@ class CheckpointError(DeformcliError):
 
 class ModelError(DeformcliError):
     """A ``--model`` factory cannot be imported or called, or the weights do not fit it."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none): one-line reports."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from deformcli.errors import DeformcliError
+from deformcli.errors import DeformcliError, first_line
 
 __all__ = ["ONNX_OPSET", "ExportError", "ExportResult", "export_checkpoint", "export_onnx"]
 
@@ -206,9 +206,8 @@ def export_checkpoint(
             except DeformcliError:
                 raise
             except Exception as error:
-                first_line = (str(error).strip().splitlines() or [""])[0]
                 raise ExportError(
-                    f"torch.onnx.export failed: {type(error).__name__}: {first_line}"
+                    f"torch.onnx.export failed: {type(error).__name__}: {first_line(error)}"
                 ) from None
             other = torch.randn(1, channels, height + 32, width + 64, generator=generator)
             error = onnxruntime_max_error(temporary, network, [example, other])

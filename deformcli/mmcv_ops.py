@@ -62,7 +62,7 @@ def unavailable(module_name: str, name: str, provided: list[str]) -> type:
             f"{', '.join(provided)}"
         )
 
-    return type(name, (), {"__new__": refuse, "__module__": module_name, "__doc__": refuse.__doc__})
+    return type(name, (), {"__new__": refuse, "__module__": module_name})
 
 
 def _is_numpy(value: object) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
-from deformcli.errors import ModelError
+from deformcli.errors import ModelError, first_line
 from deformcli.user_model import name_layers, user_code
 
 __all__ = ["build_from_config", "without_init_cfg"]
@@ -39,7 +39,7 @@ def build_from_config(config: str | os.PathLike) -> nn.Module:
         try:
             parsed = Config.fromfile(str(path))
         except Exception as error:
-            raise ModelError(f"config {path}: cannot read it: {_first_line(error)}") from None
+            raise ModelError(f"config {path}: cannot read it: {_described(error)}") from None
         if "model" not in parsed:
             raise ModelError(f"config {path}: has no 'model' entry")
         scope = parsed.get("default_scope")
@@ -50,7 +50,7 @@ def build_from_config(config: str | os.PathLike) -> nn.Module:
                 model = registry.build(without_init_cfg(parsed.model))
         except Exception as error:
             raise ModelError(
-                f"config {path}: building its model failed: {_first_line(error)}"
+                f"config {path}: building its model failed: {_described(error)}"
             ) from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"config {path}: its model is a {type(model).__name__}, not a module")
@@ -74,6 +74,5 @@ def without_init_cfg(config: object) -> object:
     return config
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+def _described(error: BaseException) -> str:
+    return f"{type(error).__name__}: {first_line(error)}"

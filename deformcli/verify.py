@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from deformcli.errors import ModelError
+from deformcli.errors import ModelError, first_line
 from deformcli.families._base import DeformableConvBase
 from deformcli.ops.deform_conv import DeformConv2d, deform_conv2d
 
@@ -403,10 +403,10 @@ def naming_failures(model: nn.Module, label: str, inputs: Tensor) -> Iterator[No
                 f"{where.removeprefix('in ')}: the {error} computed from the input; "
                 "torchvision's kernel was not run on them"
             ) from None
-        first_line = (str(error).strip().splitlines() or [""])[0]
+        message = first_line(error)
         raise ModelError(
             f"{label} failed {where} on an input of shape {list(inputs.shape)}: "
-            f"{type(error).__name__}: {first_line}{_hint(module, first_line, inputs)}"
+            f"{type(error).__name__}: {message}{_hint(module, message, inputs)}"
         ) from None
     finally:
         for handle in handles:
