@@ -3,7 +3,11 @@
 Prints Markdown tables (median times over interleaved rounds, ratios from the same run) and the
 peak extra memory of one inference forward on a large layer. Run:
 
-    python benchmarks/bench_ops.py [--rounds 7] [--device cpu] [--skip-memory]
+    python benchmarks/bench_ops.py [--rounds 7] [--device cpu] [--skip-memory] [--compile]
+        [--model-batches 1,8]
+
+``--compile`` adds ``torch.compile`` of our op to the forward table (and of the whole model to
+the DBNet table); ``--model-batches`` adds the example DBNet at 640x640 for each batch size.
 """
 
 import argparse
@@ -11,7 +15,13 @@ import platform
 
 import torch
 
-from deformcli.bench import DBNET_LAYER_SHAPES, peak_memory_mib, time_layer
+from deformcli.bench import (
+    DBNET_LAYER_SHAPES,
+    LayerTiming,
+    peak_memory_mib,
+    time_layer,
+    time_model,
+)
 
 MEMORY_SHAPE = (1, 128, 256, 256)
 
@@ -28,7 +38,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="add torch.compile of our op")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile (forward)")
+    parser.add_argument("--model-batches", default="", help="e.g. 1,8: the whole example DBNet")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
 
@@ -37,28 +48,24 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, device {args.device}, {args.dtype}, "
         f"3x3 DCNv2 (mask), padding 1, median of {args.rounds} rounds\n"
     )
+    digits = 1 if args.device == "cpu" else 3
     for backward in (False, True):
-        title = "forward + backward" if backward else "forward"
-        print(f"### {title}\n")
-        print(
-            "| layer (N, C, H, W) | deformcli ms | torchvision ms | dense conv2d ms "
-            "| speedup vs torchvision | x dense |" + (" compiled ms |" if args.compile else "")
-        )
-        print("|---|---:|---:|---:|---:|---:|" + ("---:|" if args.compile else ""))
+        compiled = args.compile and not backward
+        print(f"### {'forward + backward' if backward else 'forward'}\n")
+        _print_header("layer (N, C, H, W)", compiled)
         for shape in DBNET_LAYER_SHAPES:
-            t = time_layer(
-                shape,
-                dtype,
-                args.device,
-                backward=backward,
-                rounds=args.rounds,
-                compiled=args.compile,
+            timing = time_layer(
+                shape, dtype, args.device, backward=backward, rounds=args.rounds, compiled=compiled
             )
-            compiled = f" {_fmt(t.compiled_ms)} |" if args.compile else ""
-            print(
-                f"| {shape} | {t.deformcli_ms:.1f} | {_fmt(t.torchvision_ms)} | {t.dense_ms:.1f} | "
-                f"{_fmt(t.speedup_vs_torchvision, 2)}x | {t.ratio_to_dense:.2f} |{compiled}"
-            )
+            _print_row(timing, compiled, digits)
+        print()
+    for batch in [int(b) for b in args.model_batches.split(",") if b]:
+        print(f"### example DBNet forward, batch {batch}, 640x640\n")
+        _print_header("input (N, C, H, W)", args.compile)
+        timing = time_model(
+            dtype, args.device, rounds=args.rounds, batch=batch, compiled=args.compile
+        )
+        _print_row(timing, args.compile, digits)
         print()
 
     if not args.skip_memory and args.device == "cpu":
@@ -67,6 +74,29 @@ def main() -> None:
         print("|---|---:|")
         for name in ("deformcli", "torchvision", "dense"):
             print(f"| {name} | {_fmt(peak_memory_mib(name, MEMORY_SHAPE, args.dtype), 0)} |")
+
+
+def _print_header(first_column: str, compiled: bool) -> None:
+    print(
+        f"| {first_column} | deformcli ms | torchvision ms | dense conv2d ms "
+        "| speedup vs torchvision | x dense |"
+        + (" compiled ms | compiled / torchvision |" if compiled else "")
+    )
+    print("|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if compiled else ""))
+
+
+def _print_row(timing: LayerTiming, compiled: bool, digits: int) -> None:
+    row = (
+        f"| {timing.shape} | {timing.deformcli_ms:.{digits}f} | "
+        f"{_fmt(timing.torchvision_ms, digits)} | {timing.dense_ms:.{digits}f} | "
+        f"{_fmt(timing.speedup_vs_torchvision, 2)}x | {timing.ratio_to_dense:.2f} |"
+    )
+    if compiled:
+        ratio = None
+        if timing.compiled_ms is not None and timing.torchvision_ms is not None:
+            ratio = timing.compiled_ms / timing.torchvision_ms
+        row += f" {_fmt(timing.compiled_ms, digits)} | {_fmt(ratio, 2)} |"
+    print(row)
 
 
 if __name__ == "__main__":

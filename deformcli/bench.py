@@ -242,30 +242,40 @@ def time_model(
     rounds: int = 5,
     warmup: int = 1,
     size: int = 640,
+    batch: int = 1,
+    compiled: bool = False,
 ) -> LayerTiming:
-    """The example DBNet at ``size`` x ``size``: with our layers, torchvision's, and dense
-    convolutions in their place (the speed floor)."""
+    """The example DBNet on ``(batch, 3, size, size)``: with our layers, torchvision's, and
+    dense convolutions in their place (the speed floor); with ``compiled``, also
+    ``torch.compile`` of the model with our layers (compiled during warm-up)."""
     from deformcli.models.dbnet import build_dbnet
 
     names = [n for n in IMPLEMENTATIONS if n != "torchvision" or torchvision_available()]
-    image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    image = image.to(device=device, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(batch, 3, size, size, generator=generator).to(device=device, dtype=dtype)
+    if compiled:
+        names.append("deformcli-compiled")
     runs = {}
     for name in names:
-        network = build_dbnet(name).to(device=device, dtype=dtype)
+        network = build_dbnet(name.removesuffix("-compiled")).to(device=device, dtype=dtype)
         if backward:
             network.train()
+        if name == "deformcli-compiled":
+            network = torch.compile(network)
+        runs[name] = _model_run(network, image, backward)
+    times = _interleaved_times(runs, device, rounds, max(warmup, 2 if compiled else 0))
+    return _timing((batch, 3, size, size), dtype, device, backward, rounds, times)
 
-        def run(network=network) -> None:
-            if backward:
-                network(image).sum().backward()
-            else:
-                with torch.no_grad():
-                    network(image)
 
-        runs[name] = run
-    times = _interleaved_times(runs, device, rounds, warmup)
-    return _timing((1, 3, size, size), dtype, device, backward, rounds, times)
+def _model_run(network: torch.nn.Module, image: torch.Tensor, backward: bool) -> Callable[[], None]:
+    def run() -> None:
+        if backward:
+            network(image).sum().backward()
+        else:
+            with torch.no_grad():
+                network(image)
+
+    return run
 
 
 def peak_memory_mib(

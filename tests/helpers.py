@@ -6,6 +6,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from deformcli import deform_conv2d
+
+GEOMETRIES = {
+    "plain": dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1)),
+    "asymmetric": dict(stride=(2, 1), padding=(1, 0), dilation=(2, 1)),
+}
+
 
 def assert_close_scaled(actual: Tensor, expected: Tensor, tol: float, name: str = "") -> None:
     """``max |actual - expected| <= tol * max(1, max |expected|)`` (tolerance relative to scale)."""
@@ -111,6 +118,15 @@ def assert_outputs_and_grads_close(
     """Two :func:`forward_and_grads` results agree, each tensor named in the message."""
     for name, a, e in zip(names_for(problem), actual, expected, strict=True):
         assert_close_scaled(a, e, tol, name)
+
+
+def check_against(op, problem, tol) -> None:
+    """Output and all gradients (autograd path), and the output of the inference path."""
+    expected = forward_and_grads(op, problem)
+    actual = forward_and_grads(deform_conv2d, problem)
+    assert_outputs_and_grads_close(problem, actual, expected, tol)
+    with torch.no_grad():
+        assert_close_scaled(problem.call(deform_conv2d), expected[0], tol, "inference output")
 
 
 class RunsCode:

@@ -5,12 +5,26 @@
 and double backward; its zeros padding is exactly torchvision's rule that each corner outside
 the image contributes zero. Each offset group is a batch entry of ``grid_sample`` and the kernel
 points are stacked along the sampled height, so the result is the classic
-``(C_in * K, positions)`` column matrix of im2col, contracted with the weight in one batched GEMM
-per conv group. ``grid_sample`` takes normalised coordinates: the image is zero-padded on the
-bottom and right to power-of-two sizes so that normalising and unnormalising only multiply by
-powers of two, integer sampling points survive the round trip exactly, and with them
-torchvision's one-sided offset gradient at integer coordinates.
+``(C_in * K, positions)`` column matrix of im2col, contracted with the weight (and the bias) in
+one batched GEMM.
+
+On a GPU the kernels cost about what torchvision's kernel costs; eager time is the host's time
+to launch them. So an eager call launches few: the undeformed sampling points are built once
+per layer shape and kept (:func:`_kernel_points`), one ``addcmul`` turns offsets into grid
+coordinates, the image is sampled transposed (which lets those coordinates keep the offsets'
+(y, x) order instead of being swapped into grid_sample's (x, y)), and the bias rides in the
+GEMM. grid_sample's CUDA kernel runs one thread per sampled point and loops over channels, so
+channels are split across more threads where the points alone would leave the GPU idle
+(:func:`_channel_splits`).
+
+``grid_sample`` takes normalised coordinates. Where autograd records, the image is zero-padded
+on the bottom and right to power-of-two sizes so that normalising and unnormalising only
+multiply by powers of two: integer sampling points survive the round trip exactly, and with
+them torchvision's one-sided offset gradient at integer coordinates. At inference the values
+agree to float rounding without it, and the padded copy of the image is skipped.
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +32,16 @@ from torch import Tensor
 
 from deformcli.ops._checks import Geometry
 from deformcli.ops._chunking import chunk_rows
+
+# Sampling points are kept for layer shapes whose points take at most this many bytes (the
+# points of a 3x3 layer with a 160x160 output in float32). Bigger layers spend far longer
+# computing than building their points, so they build them per call and nothing large stays
+# allocated on the device.
+_MAX_CACHED_POINTS_BYTES = 2 * 2**20
+
+# Channel splitting for grid_sample's GPU kernel (see _channel_splits).
+_TARGET_SAMPLING_THREADS = 2**18
+_MIN_CHANNELS_PER_THREAD = 8
 
 
 def grid_sample_deform_conv2d(
@@ -30,6 +54,7 @@ def grid_sample_deform_conv2d(
     sample_dtype: torch.dtype,
     gemm_dtype: torch.dtype,
     offset_grad_inside_only: bool,
+    needs_grad: bool,
     exporting: bool,
 ) -> Tensor:
     """:func:`deformcli.deform_conv2d` on checked arguments, any device.
@@ -37,81 +62,60 @@ def grid_sample_deform_conv2d(
     Shapes are those of :func:`deformcli.deform_conv2d`; ``geometry`` is the call's checked
     stride, padding, dilation, groups and output size. Sampling runs in ``sample_dtype`` and
     the GEMM in ``gemm_dtype``; the result has the input's dtype. ``offset_grad_inside_only``
-    picks mmcv's offset-gradient convention over torchvision's. ``exporting``: the graph keeps
-    H and W symbolic, so coordinates are normalised with the true size (no power-of-two
-    padding; values agree to float rounding).
+    picks mmcv's offset-gradient convention over torchvision's. ``needs_grad``: autograd records
+    this call. ``exporting``: the graph keeps H and W symbolic.
     """
-    stride, padding, dilation = geometry.stride, geometry.padding, geometry.dilation
     offset_groups, out_h, out_w = geometry.offset_groups, geometry.out_h, geometry.out_w
+    symbolic = exporting or torch.jit.is_scripting() or torch.compiler.is_compiling()
     batch, in_channels, height, width = input.shape
     out_channels, group_in_channels, kernel_h, kernel_w = weight.shape
     groups = geometry.groups
     kernel_points = kernel_h * kernel_w
 
     padded_h, padded_w = height, width
-    if not exporting:
+    if needs_grad and not exporting:
         # Exact integer sampling points (see the module docstring). Exported graphs keep H, W
         # symbolic, so they normalise with the true size: values agree to float rounding.
         padded_h = _next_power_of_two(height)
         padded_w = _next_power_of_two(width)
-    # grid_sample (align_corners=False) reads pixel p at u = (p + 0.5) * scale - 1.
-    scale_y = 2.0 / padded_h
-    scale_x = 2.0 / padded_w
-    base_y, base_x = _normalised_kernel_grid(
-        kernel_h,
-        kernel_w,
-        out_h,
-        out_w,
-        stride,
-        padding,
-        dilation,
-        scale_y,
-        scale_x,
-        sample_dtype,
-        input.device,
-    )
-    # u = base + scale * offset: one rounding of the exact ((p + offset) + 0.5) * scale - 1,
-    # since scaling by a power of two is exact. (N, offset_groups, kH, kW, H_out, W_out, 2),
-    # with the offsets viewed as (N, offset_groups, kH, kW, 2, H_out, W_out).
-    offset = offset.to(sample_dtype).reshape(
-        batch, offset_groups, kernel_h, kernel_w, 2, out_h, out_w
-    )
-    grid = torch.stack(
-        [
-            torch.add(base_x, offset[:, :, :, :, 1], alpha=scale_x),
-            torch.add(base_y, offset[:, :, :, :, 0], alpha=scale_y),
-        ],
-        dim=-1,
-    )
-    # Points beyond about -2 or H + 1 (W + 1), infinite or NaN ones included, sample nothing
-    # and pass no gradient, as in torchvision; clamped there, grid_sample's coordinates stay
-    # finite. (|u| = 4 is at least two pixels outside for any size.)
-    grid = grid.nan_to_num(-4.0, 4.0, -4.0).clamp(-4.0, 4.0)
-    if offset_grad_inside_only:
-        # Strictly inside (-1, H) x (-1, W), in normalised units.
-        x = grid[..., 0]
-        y = grid[..., 1]
-        inside = (
-            (y > -0.5 * scale_y - 1)
-            & (y < (height + 0.5) * scale_y - 1)
-            & (x > -0.5 * scale_x - 1)
-            & (x < (width + 0.5) * scale_x - 1)
-        )
-        grid = torch.where(inside.unsqueeze(-1), grid, grid.detach())
-    grid = grid.view(batch * offset_groups, kernel_points, out_h, out_w, 2)
 
-    # (N * offset_groups, C_in / offset_groups, padded_h, padded_w)
-    image = input.to(sample_dtype)
+    # (N * offset_groups, K, H_out, W_out, 2) normalised (y, x) points of the transposed image.
+    grid = _sampling_grid(
+        _cast(offset, sample_dtype).reshape(batch * offset_groups, kernel_points, 2, out_h, out_w),
+        geometry,
+        (kernel_h, kernel_w),
+        (padded_h, padded_w),
+        symbolic=symbolic,
+    )
+    if offset_grad_inside_only and torch.is_grad_enabled() and offset.requires_grad:
+        grid = _stop_offset_grad_outside(grid, height, width, padded_h, padded_w)
+
+    # (N * offset_groups * splits, C_in / (offset_groups * splits), padded_w, padded_h):
+    # transposed, so grid_sample's first coordinate (its "x") indexes rows. A view: the pixels
+    # are read where they lie.
+    splits = 1
+    if not symbolic:
+        splits = _channel_splits(
+            in_channels // offset_groups,
+            batch * offset_groups * kernel_points * out_h * out_w,
+            input.device.type,
+        )
+    image = _cast(input, sample_dtype)
     if padded_h != height or padded_w != width:
         image = F.pad(image, (0, padded_w - width, 0, padded_h - height))
-    image = image.reshape(batch * offset_groups, in_channels // offset_groups, padded_h, padded_w)
+    image = image.reshape(
+        batch * offset_groups * splits, in_channels // (offset_groups * splits), padded_h, padded_w
+    ).transpose(2, 3)
     modulation: Tensor | None = None
     if mask is not None:
         modulation = mask.reshape(batch, offset_groups, 1, kernel_points, out_h, out_w)
 
-    weight_matrix = weight.to(gemm_dtype).reshape(
+    weight_matrix = _cast(weight, gemm_dtype).reshape(
         groups, out_channels // groups, group_in_channels * kernel_points
     )
+    bias_column: Tensor | None = None
+    if bias is not None:
+        bias_column = _cast(bias, gemm_dtype).view(groups, out_channels // groups, 1)
     rows_per_chunk = chunk_rows(
         out_h,
         out_w,
@@ -119,34 +123,85 @@ def grid_sample_deform_conv2d(
         torch.is_grad_enabled() and image.requires_grad,
         input.device.type,
     )
-    # out[n, group] = weight_matrix[group] @ columns[n, group]: (C_out/groups, positions)
     if rows_per_chunk >= out_h:
-        out = torch.matmul(
-            weight_matrix,
-            _sample_columns(
-                image, grid, modulation, 0, out_h, batch, offset_groups, groups, gemm_dtype
-            ),
-        )
+        columns = _sample_columns(image, grid, modulation, 0, out_h, batch, groups, gemm_dtype)
+        out = _contract(weight_matrix, columns, bias_column)
     else:
         out = weight_matrix.new_empty(batch, groups, out_channels // groups, out_h * out_w)
         for row_start in range(0, out_h, rows_per_chunk):
             row_stop = min(row_start + rows_per_chunk, out_h)
             columns = _sample_columns(
-                image,
-                grid,
-                modulation,
-                row_start,
-                row_stop,
-                batch,
-                offset_groups,
-                groups,
-                gemm_dtype,
+                image, grid, modulation, row_start, row_stop, batch, groups, gemm_dtype
             )
-            out[..., row_start * out_w : row_stop * out_w] = torch.matmul(weight_matrix, columns)
-    out = out.reshape(batch, out_channels, out_h, out_w).to(input.dtype)
-    if bias is not None:
-        out = out + bias.view(1, out_channels, 1, 1)
-    return out
+            out[..., row_start * out_w : row_stop * out_w] = _contract(
+                weight_matrix, columns, bias_column
+            )
+    return _cast(out.view(batch, out_channels, out_h, out_w), input.dtype)
+
+
+def _sampling_grid(
+    offset: Tensor,
+    geometry: Geometry,
+    kernel_size: tuple[int, int],
+    image_size: tuple[int, int],
+    symbolic: bool,
+) -> Tensor:
+    """Normalised sampling points ``u = (p + offset + 0.5) * 2 / size - 1``, (y, x) last.
+
+    ``offset``: ``(N * offset_groups, K, 2, H_out, W_out)`` (y, x) pixel displacements;
+    ``image_size``: the (possibly padded) image size that normalises. Returns
+    ``(N * offset_groups, K, H_out, W_out, 2)``. Points beyond about -2 or the size plus 1,
+    infinite or NaN ones included, are clamped there: they sample nothing and pass no gradient,
+    as in torchvision, and grid_sample's coordinates stay finite. (|u| = 4 is at least two
+    pixels outside for any size.)
+
+    Each point is one rounding of the exact value, since the scales are powers of two where
+    that matters (see the module docstring). ``symbolic``: traced, scripted or compiled graphs
+    build the points in the graph instead of keeping them.
+    """
+    scale_y = 2.0 / image_size[0]
+    scale_x = 2.0 / image_size[1]
+    if symbolic:
+        base_y, base_x = _normalised_kernel_grid(
+            geometry, kernel_size, scale_y, scale_x, offset.dtype, offset.device
+        )
+        kernel_h, kernel_w = kernel_size
+        grid = torch.stack(
+            [
+                torch.add(
+                    base_y, offset[:, :, 0].unflatten(1, (kernel_h, kernel_w)), alpha=scale_y
+                ),
+                torch.add(
+                    base_x, offset[:, :, 1].unflatten(1, (kernel_h, kernel_w)), alpha=scale_x
+                ),
+            ],
+            dim=-1,
+        ).flatten(1, 2)
+    else:
+        points, scale = _kernel_points(
+            geometry, kernel_size, scale_y, scale_x, offset.dtype, offset.device
+        )
+        grid = torch.addcmul(points, offset.permute(0, 1, 3, 4, 2), scale)
+    return grid.nan_to_num(-4.0, 4.0, -4.0).clamp(-4.0, 4.0)
+
+
+def _stop_offset_grad_outside(
+    grid: Tensor, height: int, width: int, padded_h: int, padded_w: int
+) -> Tensor:
+    """mmcv's offset-gradient convention: points not strictly inside ``(-1, H) x (-1, W)``
+    pass no gradient to their offsets. ``grid``: ``(..., 2)`` normalised (y, x) points of an
+    image padded to ``(padded_h, padded_w)``."""
+    scale_y = 2.0 / padded_h
+    scale_x = 2.0 / padded_w
+    y = grid[..., 0]
+    x = grid[..., 1]
+    inside = (
+        (y > -0.5 * scale_y - 1)
+        & (y < (height + 0.5) * scale_y - 1)
+        & (x > -0.5 * scale_x - 1)
+        & (x < (width + 0.5) * scale_x - 1)
+    )
+    return torch.where(inside.unsqueeze(-1), grid, grid.detach())
 
 
 def _sample_columns(
@@ -156,51 +211,154 @@ def _sample_columns(
     row_start: int,
     row_stop: int,
     batch: int,
-    offset_groups: int,
     groups: int,
     dtype: torch.dtype,
 ) -> Tensor:
     """Modulated im2col columns of output rows ``row_start:row_stop``.
 
     Args:
-        image: ``(N * offset_groups, C_in / offset_groups, padded_h, padded_w)``.
-        grid: ``(N * offset_groups, K, H_out, W_out, 2)`` normalised (x, y) sampling points.
+        image: ``(N * offset_groups * splits, C_in / (offset_groups * splits), W', H')``, the
+            transposed image with each offset group's channels split ``splits`` ways.
+        grid: ``(N * offset_groups, K, H_out, W_out, 2)`` normalised (y, x) sampling points.
         modulation: ``(N, offset_groups, 1, K, H_out, W_out)`` or None.
+        batch, groups: ``N`` and the conv groups.
 
     Returns:
         ``(N, groups, C_in / groups * K, rows * W_out)`` columns in ``dtype``.
     """
-    batch_offset_groups, group_channels, _, _ = image.shape
-    _, kernel_points, _, out_w, _ = grid.shape
+    batch_offset_groups, kernel_points, _, out_w, _ = grid.shape
+    splits = image.shape[0] // batch_offset_groups
     rows = row_stop - row_start
-    # (N * offset_groups, C_in / offset_groups, K * rows, W_out)
+    if rows < grid.shape[2]:
+        grid = grid[:, :, row_start:row_stop]
+    chunk_grid = grid.reshape(batch_offset_groups, kernel_points * rows, out_w, 2)
+    if splits > 1:
+        # Every split of an offset group's channels samples the same points. (A view where
+        # N * offset_groups is 1, else one small copy of the points.)
+        chunk_grid = chunk_grid.unsqueeze(1).expand(-1, splits, -1, -1, -1)
+        chunk_grid = chunk_grid.reshape(
+            batch_offset_groups * splits, kernel_points * rows, out_w, 2
+        )
+    # (N * offset_groups * splits, C_in / (offset_groups * splits), K * rows, W_out)
     columns = F.grid_sample(
-        image,
-        grid[:, :, row_start:row_stop].reshape(batch_offset_groups, kernel_points * rows, out_w, 2),
-        mode="bilinear",
-        padding_mode="zeros",
-        align_corners=False,
-    ).to(dtype)
+        image, chunk_grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    columns = _cast(columns, dtype)
+    offset_groups = batch_offset_groups // batch
+    group_channels = image.shape[1] * splits
     if modulation is not None:
-        columns = columns.reshape(batch, offset_groups, group_channels, kernel_points, rows, out_w)
-        chunk_mask = modulation[..., row_start:row_stop, :]
+        columns = columns.view(batch, offset_groups, group_channels, kernel_points, rows, out_w)
+        chunk_mask = modulation
+        if rows < modulation.shape[-2]:
+            chunk_mask = modulation[..., row_start:row_stop, :]
         if torch.is_grad_enabled() and (columns.requires_grad or chunk_mask.requires_grad):
             columns = columns * chunk_mask
         else:
             # Saves allocating a second column buffer at inference.
             columns = columns.mul_(chunk_mask)
     in_channels = offset_groups * group_channels
-    return columns.reshape(batch, groups, in_channels // groups * kernel_points, rows * out_w)
+    return columns.view(batch, groups, in_channels // groups * kernel_points, rows * out_w)
+
+
+@torch.jit.unused  # eager only (graphs sample unsplit)
+def _channel_splits(group_channels: int, points: int, device_type: str) -> int:
+    """How many ways to split each offset group's channels across grid_sample's threads.
+
+    grid_sample's GPU kernel runs one thread per sampled point, looping over channels: a
+    (1, 512, 20, 20) layer's 3600 points leave most of a GPU idle for 512 iterations. Split
+    (by powers of two that divide the channels) until the threads reach
+    ``_TARGET_SAMPLING_THREADS`` or a thread is left ``_MIN_CHANNELS_PER_THREAD``. CPU kernels
+    vectorise over points already.
+    """
+    splits = 1
+    if device_type == "cpu":
+        return splits
+    while (
+        points * splits < _TARGET_SAMPLING_THREADS
+        and group_channels % (2 * splits) == 0
+        and group_channels // (2 * splits) >= _MIN_CHANNELS_PER_THREAD
+    ):
+        splits *= 2
+    return splits
+
+
+def _contract(weight_matrix: Tensor, columns: Tensor, bias_column: Tensor | None) -> Tensor:
+    """``weight_matrix @ columns + bias_column`` per conv group, in one GEMM launch.
+
+    Args:
+        weight_matrix: ``(groups, C_out / groups, D)``.
+        columns: ``(N, groups, D, P)``.
+        bias_column: ``(groups, C_out / groups, 1)`` or None.
+
+    Returns:
+        ``(N, groups, C_out / groups, P)``.
+    """
+    if bias_column is None:
+        return torch.matmul(weight_matrix, columns)
+    batch, groups, depth, positions = columns.shape
+    if batch * groups == 1:  # the common inference call: one plain GEMM, fewer dispatches
+        out = torch.addmm(bias_column[0], weight_matrix[0], columns[0, 0])
+        return out.view(1, 1, -1, positions)
+    group_out_channels = weight_matrix.shape[1]
+    # Views, not copies, where batch or groups is 1 (the expanded dim merges with a size-1 one).
+    out = torch.baddbmm(
+        bias_column.expand(batch, groups, group_out_channels, 1).reshape(
+            batch * groups, group_out_channels, 1
+        ),
+        weight_matrix.expand(batch, groups, group_out_channels, depth).reshape(
+            batch * groups, group_out_channels, depth
+        ),
+        columns.reshape(batch * groups, depth, positions),
+    )
+    return out.view(batch, groups, group_out_channels, positions)
+
+
+@torch.jit.unused
+def _kernel_points(
+    geometry: Geometry,
+    kernel_size: tuple[int, int],
+    scale_y: float,
+    scale_x: float,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """Undeformed normalised points ``(K, H_out, W_out, 2)`` (y, x) and the ``(2,)`` (y, x)
+    scales from pixels to normalised units; kept per layer shape where small enough."""
+    kernel_points = kernel_size[0] * kernel_size[1]
+    points_bytes = kernel_points * geometry.out_h * geometry.out_w * 2 * dtype.itemsize
+    if points_bytes <= _MAX_CACHED_POINTS_BYTES:
+        return _cached_kernel_points(geometry, kernel_size, scale_y, scale_x, dtype, device)
+    return _build_kernel_points(geometry, kernel_size, scale_y, scale_x, dtype, device)
+
+
+def _build_kernel_points(
+    geometry: Geometry,
+    kernel_size: tuple[int, int],
+    scale_y: float,
+    scale_x: float,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    # Ordinary tensors outside any graph, whatever mode the first call ran in: an inference
+    # tensor kept here could not be saved for a later call's backward.
+    with torch.inference_mode(False), torch.no_grad():
+        base_y, base_x = _normalised_kernel_grid(
+            geometry, kernel_size, scale_y, scale_x, dtype, device
+        )
+        shape = (kernel_size[0], kernel_size[1], geometry.out_h, geometry.out_w)
+        points = torch.stack([base_y.expand(shape), base_x.expand(shape)], dim=-1).flatten(0, 1)
+        # Filled by kernels, not copied from the host: safe while a CUDA graph is captured.
+        scale = points.new_full((2,), scale_x)
+        scale[:1].fill_(scale_y)
+    return points, scale
+
+
+_cached_kernel_points = functools.lru_cache(maxsize=16)(_build_kernel_points)
 
 
 def _normalised_kernel_grid(
-    kernel_h: int,
-    kernel_w: int,
-    out_h: int,
-    out_w: int,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
+    geometry: Geometry,
+    kernel_size: tuple[int, int],
     scale_y: float,
     scale_x: float,
     dtype: torch.dtype,
@@ -208,13 +366,26 @@ def _normalised_kernel_grid(
 ) -> tuple[Tensor, Tensor]:
     """Undeformed sampling points ``u = (p + 0.5) * scale - 1``: y ``(kH, 1, H_out, 1)`` and x
     ``(1, kW, 1, W_out)``, broadcasting against ``(kH, kW, H_out, W_out)``."""
-    rows = torch.arange(-padding[0], out_h * stride[0] - padding[0], stride[0], device=device)
-    cols = torch.arange(-padding[1], out_w * stride[1] - padding[1], stride[1], device=device)
-    kernel_rows = torch.arange(0, kernel_h * dilation[0], dilation[0], device=device)
-    kernel_cols = torch.arange(0, kernel_w * dilation[1], dilation[1], device=device)
+    (stride_h, stride_w), (padding_h, padding_w) = geometry.stride, geometry.padding
+    kernel_h, kernel_w = kernel_size
+    out_h, out_w = geometry.out_h, geometry.out_w
+    rows = torch.arange(-padding_h, out_h * stride_h - padding_h, stride_h, device=device)
+    cols = torch.arange(-padding_w, out_w * stride_w - padding_w, stride_w, device=device)
+    kernel_rows = torch.arange(
+        0, kernel_h * geometry.dilation[0], geometry.dilation[0], device=device
+    )
+    kernel_cols = torch.arange(
+        0, kernel_w * geometry.dilation[1], geometry.dilation[1], device=device
+    )
     pixel_y = (kernel_rows.view(kernel_h, 1, 1, 1) + rows.view(1, 1, out_h, 1)).to(dtype)
     pixel_x = (kernel_cols.view(1, kernel_w, 1, 1) + cols.view(1, 1, 1, out_w)).to(dtype)
     return pixel_y * scale_y + (0.5 * scale_y - 1), pixel_x * scale_x + (0.5 * scale_x - 1)
+
+
+def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)`` without a dispatch where it already has it (eager time is launches
+    and dispatches)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _next_power_of_two(size: int) -> int:

@@ -177,12 +177,15 @@ def _deform_conv2d(
         sample_dtype=sample_dtype,
         gemm_dtype=gemm_dtype,
         offset_grad_inside_only=offset_grad_inside_only,
+        needs_grad=needs_grad,
         exporting=exporting,
     )
 
 
 def _as_pair(value: tuple[int, int]) -> tuple[int, int]:
     """An int or a pair as a pair (typed for TorchScript, which needs a fixed-size tuple)."""
+    if isinstance(value, int):  # the common case, without _pair's slower Iterable check
+        return (value, value)
     first, second = _pair(value)
     return (first, second)
 
