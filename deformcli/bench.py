@@ -48,6 +48,8 @@ class LayerTiming:
     compiled_ms: float | None = None
     #: Per implementation, the 25th and 75th percentile of the rounds (ms): the spread.
     spread_ms: dict[str, list[float]] = field(default_factory=dict)
+    #: Per implementation, peak extra MiB of one inference forward, when measured.
+    peak_mib: dict[str, float | None] | None = None
 
     @property
     def speedup_vs_torchvision(self) -> float | None:
@@ -61,6 +63,8 @@ class LayerTiming:
 
     def to_dict(self) -> dict:
         row = asdict(self)
+        if self.peak_mib is None:
+            del row["peak_mib"]
         row["speedup_vs_torchvision"] = self.speedup_vs_torchvision
         row["ratio_to_dense"] = self.ratio_to_dense
         return row
@@ -233,6 +237,37 @@ def time_layer(
         del runs["torchvision"]  # e.g. its CPU kernel has no bfloat16: reported as n/a
     times = _interleaved_times(runs, device, rounds, warmup)
     return _timing(shape, dtype, device, backward, rounds, times)
+
+
+def run_benchmark(
+    shapes: list[tuple[int, int, int, int]] | None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    backward: bool = False,
+    rounds: int = 7,
+    memory: bool = False,
+    on_step: Callable[[], None] | None = None,
+) -> list[LayerTiming]:
+    """Time each layer of ``shapes`` (:func:`time_layer`), or the example DBNet when ``shapes``
+    is None (:func:`time_model`). ``memory``: also the peak memory of each layer's inference
+    forward (CPU only). ``on_step`` is called after each timing (progress)."""
+    if shapes is None:
+        timings = [time_model(dtype, device, backward=backward, rounds=rounds)]
+        if on_step is not None:
+            on_step()
+        return timings
+    timings = []
+    for shape in shapes:
+        timing = time_layer(shape, dtype, device, backward=backward, rounds=rounds)
+        if memory and device == "cpu":
+            dtype_name = str(dtype).removeprefix("torch.")
+            timing.peak_mib = {
+                name: peak_memory_mib(name, shape, dtype_name) for name in IMPLEMENTATIONS
+            }
+        timings.append(timing)
+        if on_step is not None:
+            on_step()
+    return timings
 
 
 def time_model(

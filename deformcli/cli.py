@@ -13,7 +13,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -24,6 +24,9 @@ from rich.table import Table
 from deformcli import __version__
 from deformcli.errors import DeformcliError, first_line
 from deformcli.validation import parse_device, parse_dtype, parse_shape
+
+if TYPE_CHECKING:  # the commands import their library modules where they use them
+    from deformcli.bench import LayerTiming
 
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -539,36 +542,12 @@ def bench(
         from deformcli.output_file import check_output
 
         check_output(plot, replace=force)  # before minutes of timing, not after
-    if shape is not None:
-        shapes = [parse_shape(shape, "--shape")]
-    elif preset == "dbnet-layers":
-        shapes = benchmarks.DBNET_LAYER_SHAPES
-    elif preset == "dbnet":
-        shapes = []
-    else:
-        raise DeformcliError(f"--preset {preset!r}: choose dbnet-layers or dbnet")
-    rows = []
-    with _progress(not as_json, "bench", max(len(shapes), 1)) as advance:
-        if shapes:
-            for layer_shape in shapes:
-                timing = benchmarks.time_layer(
-                    layer_shape, torch_dtype, device, backward=backward, rounds=rounds
-                )
-                row = timing.to_dict()
-                if memory and device == "cpu":
-                    row["peak_mib"] = {
-                        name: benchmarks.peak_memory_mib(name, layer_shape, dtype)
-                        for name in benchmarks.IMPLEMENTATIONS
-                    }
-                rows.append(row)
-                advance()
-        else:
-            rows.append(
-                benchmarks.time_model(
-                    torch_dtype, device, backward=backward, rounds=rounds
-                ).to_dict()
-            )
-            advance()
+    shapes = _bench_shapes(preset, shape)
+    with _progress(not as_json, "bench", len(shapes) if shapes else 1) as advance:
+        timings = benchmarks.run_benchmark(
+            shapes, torch_dtype, device, backward, rounds, memory, on_step=advance
+        )
+    rows = [timing.to_dict() for timing in timings]
     title = (
         f"median ms over {rounds} rounds, {device}, {dtype}, "
         f"{'forward+backward' if backward else 'forward'}"
@@ -580,6 +559,26 @@ def bench(
     if as_json:
         _print_json(rows)
         return
+    console.print(_timing_table(timings, title, memory))
+
+
+def _bench_shapes(preset: str, shape: str | None) -> list[tuple[int, int, int, int]] | None:
+    """The layer shapes to time (``--shape``, else the preset's), or None for the whole model."""
+    from deformcli.bench import DBNET_LAYER_SHAPES
+
+    if shape is not None:
+        return [parse_shape(shape, "--shape")]
+    if preset == "dbnet-layers":
+        return DBNET_LAYER_SHAPES
+    if preset == "dbnet":
+        return None
+    raise DeformcliError(f"--preset {preset!r}: choose dbnet-layers or dbnet")
+
+
+def _timing_table(timings: list["LayerTiming"], title: str, memory: bool) -> Table:
+    """Bench results as a Rich table: one row per layer (or model) timing."""
+    from deformcli.bench import IMPLEMENTATIONS
+
     table = Table(title=title)
     for column in (
         "shape",
@@ -592,26 +591,26 @@ def bench(
         table.add_column(column, justify="right")
     if memory:
         table.add_column("peak MiB (ours / tv / dense)", justify="right")
-    for row in rows:
-        speedup = row["speedup_vs_torchvision"]
+    for timing in timings:
+        speedup = timing.speedup_vs_torchvision
         cells = [
-            str(tuple(row["shape"])),
-            f"{row['deformcli_ms']:.1f}",
-            "n/a" if row["torchvision_ms"] is None else f"{row['torchvision_ms']:.1f}",
-            f"{row['dense_ms']:.1f}",
+            str(tuple(timing.shape)),
+            f"{timing.deformcli_ms:.1f}",
+            "n/a" if timing.torchvision_ms is None else f"{timing.torchvision_ms:.1f}",
+            f"{timing.dense_ms:.1f}",
             "n/a" if speedup is None else f"{speedup:.2f}x",
-            f"{row['ratio_to_dense']:.2f}",
+            f"{timing.ratio_to_dense:.2f}",
         ]
         if memory:
-            peaks = row.get("peak_mib") or {}
+            peaks = timing.peak_mib or {}
             cells.append(
                 " / ".join(
-                    "n/a" if peaks.get(n) is None else f"{peaks[n]:.0f}"
-                    for n in benchmarks.IMPLEMENTATIONS
+                    "n/a" if peaks.get(name) is None else f"{peaks[name]:.0f}"
+                    for name in IMPLEMENTATIONS
                 )
             )
         table.add_row(*cells)
-    console.print(table)
+    return table
 
 
 # ----------------------------------------------------------------------------------- export

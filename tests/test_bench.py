@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deformcli.bench import LayerTiming, _quartiles, make_layer_inputs, time_layer
+from deformcli.bench import LayerTiming, _quartiles, make_layer_inputs, run_benchmark, time_layer
 from deformcli.output_file import OutputExistsError
 from deformcli.plot import plot_timings
 from deformcli.validation import InputError
@@ -17,6 +17,18 @@ def test_a_layer_timing_has_medians_and_the_spread_of_the_same_rounds():
         low, high = timing.spread_ms[name]
         assert 0 < low <= median <= high
     assert timing.to_dict()["ratio_to_dense"] == pytest.approx(timing.ratio_to_dense)
+
+
+def test_run_benchmark_times_each_layer_and_reports_progress():
+    steps = []
+    timings = run_benchmark(
+        [(1, 4, 6, 6), (1, 8, 5, 7)], rounds=1, memory=True, on_step=lambda: steps.append(1)
+    )
+    assert [t.shape for t in timings] == [(1, 4, 6, 6), (1, 8, 5, 7)] and len(steps) == 2
+    assert all(t.deformcli_ms > 0 and t.dense_ms > 0 for t in timings)
+    assert set(timings[0].peak_mib) == {"deformcli", "torchvision", "dense"}
+    assert "peak_mib" in timings[0].to_dict()
+    assert "peak_mib" not in run_benchmark([(1, 4, 6, 6)], rounds=1)[0].to_dict()
 
 
 def test_quartiles():

@@ -13,12 +13,37 @@ Gradients use embedding_bag's fused backward; when the backward is itself differ
 (double backward, which embedding_bag lacks) they switch to plain differentiable formulas.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from deformcli.ops._checks import Geometry
 from deformcli.ops._chunking import chunk_rows
+
+
+class _SamplingIndex(NamedTuple):
+    """Where each output row's sampling points read the gather table (built once per call).
+
+    ``image_base``: ``(N * H_out,)`` first table row of each output row's image; ``row_y``:
+    ``(N * H_out,)`` top sampling row; ``col_x``: ``(W_out,)`` left sampling column;
+    ``kernel_y``, ``kernel_x``: ``(K,)`` kernel point displacements; ``corner_step``: ``(4,)``
+    table rows of the four corners relative to the top-left one; ``group_index``:
+    ``(offset_groups,)`` 0, 1, ...; ``height``, ``width``: the image's size;
+    ``sample_minus_one``: sample points at exactly -1 too (they have zero value either way).
+    """
+
+    image_base: Tensor
+    row_y: Tensor
+    col_x: Tensor
+    kernel_y: Tensor
+    kernel_x: Tensor
+    corner_step: Tensor
+    group_index: Tensor
+    height: int
+    width: int
+    sample_minus_one: bool
 
 
 def gather_deform_conv2d(
@@ -42,62 +67,26 @@ def gather_deform_conv2d(
     ``offset_grad_inside_only`` picks mmcv's offset-gradient convention over torchvision's
     (see ``deformcli.ops.deform_conv._deform_conv2d``).
     """
-    stride, padding, dilation = geometry.stride, geometry.padding, geometry.dilation
     offset_groups, out_h, out_w = geometry.offset_groups, geometry.out_h, geometry.out_w
-    batch, in_channels, height, width = input.shape
+    batch, in_channels, _, _ = input.shape
     out_channels, group_in_channels, kernel_h, kernel_w = weight.shape
     groups = geometry.groups
     kernel_points = kernel_h * kernel_w
 
-    # One table row per (n, y, x, offset group) of the image framed by a one-pixel zero border:
-    # that group's channels of one pixel. Every corner of a point strictly inside
-    # (-1, H) x (-1, W) then lies in the table, and corners outside the image read zeros.
-    # One more zero row at the end stands in for all four corners of points outside.
-    framed_h, framed_w = height + 2, width + 2
-    table = torch.empty(
-        batch * framed_h * framed_w * offset_groups + 1,
-        in_channels // offset_groups,
-        dtype=sample_dtype,
-        device=input.device,
+    table = _gather_table(input, offset_groups, sample_dtype)
+    # torchvision gives no value to a point at or beyond -1 or H (W). Without autograd such a
+    # point reads nothing at all. With it, torchvision's convention still differentiates a
+    # point at exactly -1 one-sidedly (seeing row or column 0), so that point is sampled,
+    # with weight zero on row 0; mmcv's convention gives it no gradient.
+    sampling = _sampling_index(
+        input, geometry, (kernel_h, kernel_w), table, needs_grad and not offset_grad_inside_only
     )
-    framed = table[:-1].view(batch, framed_h, framed_w, in_channels)
-    framed[:, 1:-1, 1:-1].copy_(input.permute(0, 2, 3, 1))
-    for zeros in (framed[:, 0], framed[:, -1], framed[:, :, 0], framed[:, :, -1], table[-1]):
-        zeros.zero_()
-    index_dtype = _index_dtype(table.shape[0])
-
-    # Per output row r of all N * H_out rows: its image's first table row and its top
-    # sampling row; offsets and mask as (N * H_out, W_out, K, offset_groups[, 2]).
-    flat_rows = torch.arange(batch * out_h, device=input.device)
-    image_base = (flat_rows // out_h * (framed_h * framed_w * offset_groups)).to(index_dtype)
-    row_y = (flat_rows % out_h * stride[0] - padding[0]).to(sample_dtype)
-    col_x = (torch.arange(out_w, device=input.device) * stride[1] - padding[1]).to(sample_dtype)
-    kernel_index = torch.arange(kernel_points, device=input.device)
-    kernel_y = (kernel_index // kernel_w * dilation[0]).to(sample_dtype)
-    kernel_x = (kernel_index % kernel_w * dilation[1]).to(sample_dtype)
-    offset = (
-        offset.to(sample_dtype)
-        .reshape(batch, offset_groups, kernel_points, 2, out_h, out_w)
-        .permute(0, 4, 5, 2, 1, 3)
-        .contiguous()
-        .view(batch * out_h, out_w, kernel_points, offset_groups, 2)
-    )
+    # One output row per slice: offsets (N * H_out, W_out, K, offset_groups, 2), mask
+    # (N * H_out, W_out, K, offset_groups).
+    offset = _by_output_row(offset.to(sample_dtype), geometry, kernel_points, 2)
     modulation: Tensor | None = None
     if mask is not None:
-        modulation = (
-            mask.to(sample_dtype)
-            .reshape(batch, offset_groups, kernel_points, out_h, out_w)
-            .permute(0, 3, 4, 2, 1)
-            .contiguous()
-            .view(batch * out_h, out_w, kernel_points, offset_groups)
-        )
-    # Table rows of the four corners relative to the top-left one, and of each offset group.
-    corner_step = (
-        torch.tensor([0, 1, framed_w, framed_w + 1], dtype=index_dtype, device=input.device)
-        * offset_groups
-    )
-    group_index = torch.arange(offset_groups, dtype=index_dtype, device=input.device)
-
+        modulation = _by_output_row(mask.to(sample_dtype), geometry, kernel_points, 1)[..., 0]
     # weight as (groups, C_out / groups, K * C_in / groups), matching the columns' (k, c) order.
     weight_matrix = (
         weight.to(gemm_dtype)
@@ -105,11 +94,6 @@ def gather_deform_conv2d(
         .transpose(2, 3)
         .reshape(groups, out_channels // groups, kernel_points * group_in_channels)
     )
-    # torchvision gives no value to a point at or beyond -1 or H (W). Without autograd such a
-    # point reads nothing at all. With it, torchvision's convention still differentiates a
-    # point at exactly -1 one-sidedly (seeing row or column 0), so that point is sampled,
-    # with weight zero on row 0; mmcv's convention gives it no gradient.
-    sample_minus_one = needs_grad and not offset_grad_inside_only
     rows_per_chunk = chunk_rows(
         batch * out_h,
         out_w,
@@ -134,29 +118,8 @@ def gather_deform_conv2d(
         chunk_modulation: Tensor | None = None
         if modulation is not None:
             chunk_modulation = modulation[start:stop]
-        columns = _sample_rows(
-            table,
-            offset[start:stop],
-            chunk_modulation,
-            image_base[start:stop],
-            row_y[start:stop],
-            col_x,
-            kernel_y,
-            kernel_x,
-            corner_step,
-            group_index,
-            height,
-            width,
-            sample_minus_one,
-        ).to(gemm_dtype)
-        if groups == 1:
-            product = torch.mm(columns, weight_matrix[0].t())
-        else:
-            # (positions, K * C_in) -> (groups, positions, K * C_in / groups)
-            columns = columns.view(-1, kernel_points, groups, group_in_channels).permute(2, 0, 1, 3)
-            columns = columns.reshape(groups, -1, kernel_points * group_in_channels)
-            grouped = torch.bmm(columns, weight_matrix.transpose(1, 2))
-            product = grouped.transpose(0, 1).reshape(-1, out_channels)
+        columns = _sample_rows(table, offset[start:stop], chunk_modulation, sampling, start, stop)
+        product = _grouped_product(columns.to(gemm_dtype), weight_matrix, kernel_points)
         if needs_grad:
             out_chunks.append(product)
         else:
@@ -166,6 +129,93 @@ def gather_deform_conv2d(
     if bias is not None:
         out.add_(bias.to(gemm_dtype).view(1, out_channels, 1))  # in place: no second buffer
     return out.reshape(batch, out_channels, out_h, out_w).to(input.dtype).contiguous()
+
+
+def _gather_table(input: Tensor, offset_groups: int, dtype: torch.dtype) -> Tensor:
+    """The image as gather rows: ``(N * (H + 2) * (W + 2) * offset_groups + 1, C_in /
+    offset_groups)``.
+
+    One row per (n, y, x, offset group) of the image framed by a one-pixel zero border: that
+    group's channels of one pixel. Every corner of a point strictly inside (-1, H) x (-1, W)
+    then lies in the table, and corners outside the image read zeros. One more zero row at the
+    end stands in for all four corners of points outside.
+    """
+    batch, in_channels, height, width = input.shape
+    framed_h, framed_w = height + 2, width + 2
+    table = torch.empty(
+        batch * framed_h * framed_w * offset_groups + 1,
+        in_channels // offset_groups,
+        dtype=dtype,
+        device=input.device,
+    )
+    framed = table[:-1].view(batch, framed_h, framed_w, in_channels)
+    framed[:, 1:-1, 1:-1].copy_(input.permute(0, 2, 3, 1))
+    for zeros in (framed[:, 0], framed[:, -1], framed[:, :, 0], framed[:, :, -1], table[-1]):
+        zeros.zero_()
+    return table
+
+
+def _sampling_index(
+    input: Tensor,
+    geometry: Geometry,
+    kernel_size: tuple[int, int],
+    table: Tensor,
+    sample_minus_one: bool,
+) -> _SamplingIndex:
+    """The call's :class:`_SamplingIndex` for ``input`` laid out as :func:`_gather_table`."""
+    (stride_h, stride_w), (padding_h, padding_w) = geometry.stride, geometry.padding
+    dilation_h, dilation_w = geometry.dilation
+    offset_groups, out_h, out_w = geometry.offset_groups, geometry.out_h, geometry.out_w
+    batch, _, height, width = input.shape
+    kernel_h, kernel_w = kernel_size
+    dtype, device = table.dtype, input.device
+    index_dtype = _index_dtype(table.shape[0])
+    framed_w = width + 2
+
+    flat_rows = torch.arange(batch * out_h, device=device)
+    kernel_index = torch.arange(kernel_h * kernel_w, device=device)
+    return _SamplingIndex(
+        image_base=(flat_rows // out_h * ((height + 2) * framed_w * offset_groups)).to(index_dtype),
+        row_y=(flat_rows % out_h * stride_h - padding_h).to(dtype),
+        col_x=(torch.arange(out_w, device=device) * stride_w - padding_w).to(dtype),
+        kernel_y=(kernel_index // kernel_w * dilation_h).to(dtype),
+        kernel_x=(kernel_index % kernel_w * dilation_w).to(dtype),
+        corner_step=torch.tensor([0, 1, framed_w, framed_w + 1], dtype=index_dtype, device=device)
+        * offset_groups,
+        group_index=torch.arange(offset_groups, dtype=index_dtype, device=device),
+        height=height,
+        width=width,
+        sample_minus_one=sample_minus_one,
+    )
+
+
+def _by_output_row(
+    values: Tensor, geometry: Geometry, kernel_points: int, components: int
+) -> Tensor:
+    """Offsets or mask ``(N, offset_groups * K * components, H_out, W_out)`` as contiguous
+    ``(N * H_out, W_out, K, offset_groups, components)``: what one output row samples."""
+    batch = values.shape[0]
+    offset_groups, out_h, out_w = geometry.offset_groups, geometry.out_h, geometry.out_w
+    return (
+        values.reshape(batch, offset_groups, kernel_points, components, out_h, out_w)
+        .permute(0, 4, 5, 2, 1, 3)
+        .contiguous()
+        .view(batch * out_h, out_w, kernel_points, offset_groups, components)
+    )
+
+
+def _grouped_product(columns: Tensor, weight_matrix: Tensor, kernel_points: int) -> Tensor:
+    """``(positions, C_out)`` products of columns ``(positions, K * C_in)`` with the weight
+    ``(groups, C_out / groups, K * C_in / groups)``, group by group."""
+    groups, group_out_channels, depth = weight_matrix.shape
+    if groups == 1:
+        return torch.mm(columns, weight_matrix[0].t())
+    # (positions, K * C_in) -> (groups, positions, K * C_in / groups)
+    group_in_channels = depth // kernel_points
+    columns = columns.view(-1, kernel_points, groups, group_in_channels).permute(2, 0, 1, 3)
+    columns = columns.reshape(groups, -1, depth)
+    grouped = torch.bmm(columns, weight_matrix.transpose(1, 2))
+    return grouped.transpose(0, 1).reshape(-1, groups * group_out_channels)
 
 
 def _write_transposed(
@@ -194,30 +244,19 @@ def _sample_rows(
     table: Tensor,
     offset: Tensor,
     modulation: Tensor | None,
-    image_base: Tensor,
-    row_y: Tensor,
-    col_x: Tensor,
-    kernel_y: Tensor,
-    kernel_x: Tensor,
-    corner_step: Tensor,
-    group_index: Tensor,
-    height: int,
-    width: int,
-    sample_minus_one: bool,
+    sampling: _SamplingIndex,
+    start: int,
+    stop: int,
 ) -> Tensor:
-    """Modulated im2col columns of R output rows.
+    """Modulated im2col columns of the output rows ``start:stop`` (of all N * H_out).
 
     Args:
         table: ``(N * (H + 2) * (W + 2) * offset_groups + 1, C_in / offset_groups)``
-            channels-last pixels of the zero-framed image, then a zero row.
-        offset: ``(R, W_out, K, offset_groups, 2)`` (y, x) displacements.
+            channels-last pixels of the zero-framed image, then a zero row
+            (:func:`_gather_table`).
+        offset: ``(R, W_out, K, offset_groups, 2)`` (y, x) displacements of those R rows.
         modulation: ``(R, W_out, K, offset_groups)`` or None.
-        image_base: ``(R,)`` first table row of each output row's image.
-        row_y: ``(R,)`` top sampling row; col_x: ``(W_out,)`` left sampling column;
-            kernel_y, kernel_x: ``(K,)`` kernel point displacements.
-        corner_step: ``(4,)`` table rows of the four corners relative to the top-left one.
-        group_index: ``(offset_groups,)`` 0, 1, ...
-        sample_minus_one: sample points at exactly -1 too (they have zero value either way).
+        sampling: where the rows read the table.
 
     Returns:
         ``(R * W_out, K * C_in)`` columns; channel ``c`` of kernel point ``k`` at ``k * C_in + c``.
@@ -225,12 +264,15 @@ def _sample_rows(
     rows, out_w, kernel_points, offset_groups, _ = offset.shape
     # Integer base first, then the offset: one rounding, as in torchvision's kernel. (The
     # offset leads so the result takes its (R, W_out, K, offset_groups) memory order.)
-    y = offset[..., 0] + (row_y.view(rows, 1, 1, 1) + kernel_y.view(1, 1, kernel_points, 1))
-    x = offset[..., 1] + (col_x.view(1, out_w, 1, 1) + kernel_x.view(1, 1, kernel_points, 1))
+    row_y = sampling.row_y[start:stop].view(rows, 1, 1, 1)
+    col_x = sampling.col_x.view(1, out_w, 1, 1)
+    y = offset[..., 0] + (row_y + sampling.kernel_y.view(1, 1, kernel_points, 1))
+    x = offset[..., 1] + (col_x + sampling.kernel_x.view(1, 1, kernel_points, 1))
+    height, width = sampling.height, sampling.width
     # Points outside (NaN ones too) read the table's last, zero row with zero weights; their
     # coordinates are replaced by 0 first so no non-finite value reaches the weights, the
     # integer conversion or the gradient.
-    if sample_minus_one:
+    if sampling.sample_minus_one:
         inside = (y >= -1) & (y < height) & (x >= -1) & (x < width)
     else:
         inside = (y > -1) & (y < height) & (x > -1) & (x < width)
@@ -244,10 +286,11 @@ def _sample_rows(
     leftwards = 1 - right
     # Top-left corner's table row (the frame shifts pixels by one), then all four corners.
     framed_w = width + 2
+    image_base = sampling.image_base[start:stop].view(rows, 1, 1, 1)
     top_left = (top.to(image_base.dtype) + 1) * framed_w + left.to(image_base.dtype) + 1
-    top_left = image_base.view(rows, 1, 1, 1) + top_left * offset_groups + group_index
+    top_left = image_base + top_left * offset_groups + sampling.group_index
     index = torch.where(
-        inside.unsqueeze(-1), top_left.unsqueeze(-1) + corner_step, table.shape[0] - 1
+        inside.unsqueeze(-1), top_left.unsqueeze(-1) + sampling.corner_step, table.shape[0] - 1
     )
     corner_weight = torch.stack(
         [above * leftwards, above * right, below * leftwards, below * right], dim=-1
