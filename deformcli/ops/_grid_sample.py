@@ -90,22 +90,14 @@ def grid_sample_deform_conv2d(
     if offset_grad_inside_only and torch.is_grad_enabled() and offset.requires_grad:
         grid = _stop_offset_grad_outside(grid, height, width, padded_h, padded_w)
 
-    # (N * offset_groups * splits, C_in / (offset_groups * splits), padded_w, padded_h):
-    # transposed, so grid_sample's first coordinate (its "x") indexes rows. A view: the pixels
-    # are read where they lie.
-    splits = 1
-    if not symbolic:
-        splits = _channel_splits(
-            in_channels // offset_groups,
-            batch * offset_groups * kernel_points * out_h * out_w,
-            input.device.type,
-        )
-    image = _cast(input, sample_dtype)
-    if padded_h != height or padded_w != width:
-        image = F.pad(image, (0, padded_w - width, 0, padded_h - height))
-    image = image.reshape(
-        batch * offset_groups * splits, in_channels // (offset_groups * splits), padded_h, padded_w
-    ).transpose(2, 3)
+    image = _sampled_image(
+        input,
+        offset_groups,
+        kernel_points * out_h * out_w,
+        (padded_h, padded_w),
+        sample_dtype,
+        split_channels=not symbolic,
+    )
     modulation: Tensor | None = None
     if mask is not None:
         modulation = mask.reshape(batch, offset_groups, 1, kernel_points, out_h, out_w)
@@ -183,6 +175,40 @@ def _sampling_grid(
         )
         grid = torch.addcmul(points, offset.permute(0, 1, 3, 4, 2), scale)
     return grid.nan_to_num(-4.0, 4.0, -4.0).clamp(-4.0, 4.0)
+
+
+def _sampled_image(
+    input: Tensor,
+    offset_groups: int,
+    points_per_image: int,
+    padded_size: tuple[int, int],
+    dtype: torch.dtype,
+    split_channels: bool,
+) -> Tensor:
+    """The image as grid_sample reads it: ``(N * offset_groups * splits, C_in / (offset_groups
+    * splits), padded_w, padded_h)`` in ``dtype``.
+
+    Zero-padded on the bottom and right to ``padded_size`` (where that differs), each offset
+    group's channels split ``splits`` ways where ``split_channels`` (:func:`_channel_splits`;
+    graphs with symbolic shapes do not), and transposed, so grid_sample's first coordinate
+    (its "x") indexes rows. Without padding it is a view: the pixels are read where they lie.
+    """
+    batch, in_channels, height, width = input.shape
+    padded_h, padded_w = padded_size
+    splits = 1
+    if split_channels:
+        splits = _channel_splits(
+            in_channels // offset_groups,
+            batch * offset_groups * points_per_image,
+            input.device.type,
+        )
+    image = _cast(input, dtype)
+    if padded_h != height or padded_w != width:
+        image = F.pad(image, (0, padded_w - width, 0, padded_h - height))
+    image = image.reshape(
+        batch * offset_groups * splits, in_channels // (offset_groups * splits), padded_h, padded_w
+    )
+    return image.transpose(2, 3)
 
 
 def _stop_offset_grad_outside(
