@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from deformcli import deform_conv2d
+from deformcli import deform_conv2d, get_max_column_bytes, set_max_column_bytes
 
 GEOMETRIES = {
     "plain": dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1)),
@@ -127,6 +127,68 @@ def check_against(op, problem, tol) -> None:
     assert_outputs_and_grads_close(problem, actual, expected, tol)
     with torch.no_grad():
         assert_close_scaled(problem.call(deform_conv2d), expected[0], tol, "inference output")
+
+
+def check_gradcheck_and_gradgradcheck(device: str = "cpu") -> None:
+    """``gradcheck`` and ``gradgradcheck`` of the op on a small float64 problem on ``device``."""
+    problem = make_problem(
+        batch=1,
+        in_channels=4,
+        out_channels=2,
+        size=(4, 4),
+        kernel=(2, 2),
+        offset_groups=2,
+        groups=2,
+        offset_scale=1.5,
+        device=device,
+        **GEOMETRIES["asymmetric"],
+    )
+    tensors = [t.detach().clone().requires_grad_() for t in problem.tensors()]
+
+    def op(*ts):
+        return problem.call(deform_conv2d, list(ts))
+
+    assert torch.autograd.gradcheck(op, tensors)
+    assert torch.autograd.gradgradcheck(op, tensors)
+
+
+def check_kept_sampling_points(reference, device: str = "cpu") -> None:
+    """The grid_sample formulation keeps each layer shape's sampling points from its first
+    call. Made under inference_mode they must still be ordinary tensors, which a later call's
+    backward can save. (Sizes are powers of two, so training reuses the same points.)"""
+    from deformcli.ops import _grid_sample
+
+    _grid_sample._cached_kernel_points.cache_clear()
+    problem = make_problem(size=(8, 4), device=device)
+    with torch.inference_mode():
+        first = problem.call(deform_conv2d)
+    expected = forward_and_grads(reference, problem)
+    assert_close_scaled(first, expected[0], 1e-10, "inference_mode output")
+    assert_outputs_and_grads_close(
+        problem, forward_and_grads(deform_conv2d, problem), expected, 1e-10
+    )
+    assert _grid_sample._cached_kernel_points.cache_info().hits >= 1
+
+
+def check_chunked_columns(reference, problem: Problem, cap_bytes: int, monkeypatch) -> None:
+    """Output (with and without autograd) and gradients equal ``reference``'s when the
+    column-memory cap of the problem's device is ``cap_bytes``, with chunks as small as it
+    allows."""
+    from deformcli.ops import _chunking
+
+    device_type = problem.input.device.type
+    expected = forward_and_grads(reference, problem)
+    previous = get_max_column_bytes(device_type)
+    monkeypatch.setattr(_chunking, "_MIN_CHUNK_POSITIONS", 1)
+    try:
+        set_max_column_bytes(cap_bytes, device_type)
+        with torch.no_grad():
+            chunked = problem.call(deform_conv2d)
+        actual = forward_and_grads(deform_conv2d, problem)
+    finally:
+        set_max_column_bytes(previous, device_type)
+    assert_close_scaled(chunked, expected[0], 1e-10, "no_grad output")
+    assert_outputs_and_grads_close(problem, actual, expected, 1e-10)
 
 
 class RunsCode:

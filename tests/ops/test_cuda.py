@@ -9,15 +9,16 @@ import pytest
 import torch
 import torchvision
 
-import deformcli.ops._chunking
-import deformcli.ops._grid_sample
-from deformcli import deform_conv2d, get_max_column_bytes, set_max_column_bytes
+from deformcli import deform_conv2d
 from deformcli.ops import deform_conv2d_mmcv_grad
 from tests.helpers import (
     GEOMETRIES,
     assert_close_scaled,
     assert_outputs_and_grads_close,
     check_against,
+    check_chunked_columns,
+    check_gradcheck_and_gradgradcheck,
+    check_kept_sampling_points,
     forward_and_grads,
     make_problem,
 )
@@ -81,61 +82,21 @@ def test_mmcv_offset_gradient_on_cuda_equals_cpu():
 
 
 def test_kept_sampling_points_serve_inference_then_training():
-    # The first call of a layer shape keeps its sampling points. Made under inference_mode
-    # they must still be ordinary tensors, which a later call's backward can save.
-    deformcli.ops._grid_sample._cached_kernel_points.cache_clear()
-    problem = make_problem(device="cuda", size=(8, 4))  # powers of two: points reused
-    with torch.inference_mode():
-        first = problem.call(deform_conv2d)
-    expected = forward_and_grads(TV, problem)
-    assert_close_scaled(first, expected[0], 1e-10, "inference_mode output")
-    assert_outputs_and_grads_close(
-        problem, forward_and_grads(deform_conv2d, problem), expected, 1e-10
-    )
-    assert deformcli.ops._grid_sample._cached_kernel_points.cache_info().hits >= 1
+    check_kept_sampling_points(TV, "cuda")
 
 
 @pytest.mark.parametrize("rows_per_chunk", [1, 3])
 def test_chunked_columns_on_cuda(monkeypatch, rows_per_chunk):
     problem = make_problem(device="cuda", size=(40, 24), groups=2, offset_groups=3)
-    expected = forward_and_grads(TV, problem)
-    previous = get_max_column_bytes("cuda")
     bytes_per_row = 2 * 12 * 9 * 24 * problem.input.element_size()  # N * C_in * K * W_out * 8
-    monkeypatch.setattr(deformcli.ops._chunking, "_MIN_CHUNK_POSITIONS", 1)
-    try:
-        set_max_column_bytes(rows_per_chunk * bytes_per_row, "cuda")
-        with torch.no_grad():
-            chunked = problem.call(deform_conv2d)
-        actual = forward_and_grads(deform_conv2d, problem)
-    finally:
-        set_max_column_bytes(previous, "cuda")
-    assert_close_scaled(chunked, expected[0], 1e-10, "no_grad output")
-    assert_outputs_and_grads_close(problem, actual, expected, 1e-10)
+    check_chunked_columns(TV, problem, rows_per_chunk * bytes_per_row, monkeypatch)
 
 
 @pytest.mark.skipif(
     torch.__version__ < "2.13", reason="grid_sample's double backward needs torch >= 2.13"
 )
 def test_gradcheck_and_gradgradcheck_on_cuda():
-    problem = make_problem(
-        batch=1,
-        in_channels=4,
-        out_channels=2,
-        size=(4, 5),
-        kernel=(2, 2),
-        groups=2,
-        offset_groups=2,
-        offset_scale=1.5,
-        device="cuda",
-        **GEOMETRIES["asymmetric"],
-    )
-    tensors = [t.detach().clone().requires_grad_() for t in problem.tensors()]
-
-    def op(*ts):
-        return problem.call(deform_conv2d, list(ts))
-
-    assert torch.autograd.gradcheck(op, tensors)
-    assert torch.autograd.gradgradcheck(op, tensors)
+    check_gradcheck_and_gradgradcheck("cuda")
 
 
 def test_large_image_float32_error_is_torchvisions():

@@ -9,16 +9,18 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-import deformcli.ops._chunking
 import deformcli.ops._gather
 import deformcli.ops._grid_sample
 import deformcli.ops.deform_conv
-from deformcli import deform_conv2d, get_max_column_bytes, set_max_column_bytes
+from deformcli import deform_conv2d, set_max_column_bytes
 from tests.helpers import (
     GEOMETRIES,
     assert_close_scaled,
     assert_outputs_and_grads_close,
     check_against,
+    check_chunked_columns,
+    check_gradcheck_and_gradgradcheck,
+    check_kept_sampling_points,
     forward_and_grads,
     make_problem,
     names_for,
@@ -177,24 +179,7 @@ def test_int_arguments_like_torchvision():
 
 @pytest.mark.usefixtures("formulation")
 def test_gradcheck_and_gradgradcheck():
-    problem = make_problem(
-        batch=1,
-        in_channels=4,
-        out_channels=2,
-        size=(4, 4),
-        kernel=(2, 2),
-        offset_groups=2,
-        groups=2,
-        offset_scale=1.5,
-        **GEOMETRIES["asymmetric"],
-    )
-    tensors = [t.detach().clone().requires_grad_() for t in problem.tensors()]
-
-    def op(*ts):
-        return problem.call(deform_conv2d, list(ts))
-
-    assert torch.autograd.gradcheck(op, tensors)
-    assert torch.autograd.gradgradcheck(op, tensors)
+    check_gradcheck_and_gradgradcheck()
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
@@ -220,19 +205,8 @@ def test_chunked_columns_match_torchvision(monkeypatch, rows_per_chunk, groups):
     # 3 rows per chunk over 2 images of 40 rows: chunk 39:42 crosses from one image to the
     # next. With grads the op uses at most 8 chunks (here 5 rows each).
     problem = make_problem(batch=2, in_channels=12, size=(40, 24), groups=groups, offset_groups=3)
-    expected = forward_and_grads(TV, problem)
-    previous = get_max_column_bytes()
     bytes_per_row = 24 * 9 * 12 * problem.input.element_size()  # W_out * K * C_in * 8
-    monkeypatch.setattr(deformcli.ops._chunking, "_MIN_CHUNK_POSITIONS", 1)
-    try:
-        set_max_column_bytes(rows_per_chunk * bytes_per_row)
-        with torch.no_grad():
-            chunked = problem.call(deform_conv2d)
-        actual = forward_and_grads(deform_conv2d, problem)
-    finally:
-        set_max_column_bytes(previous)
-    assert_close_scaled(chunked, expected[0], 1e-10, "no_grad output")
-    assert_outputs_and_grads_close(problem, actual, expected, 1e-10)
+    check_chunked_columns(TV, problem, rows_per_chunk * bytes_per_row, monkeypatch)
 
 
 @pytest.mark.parametrize("splits", [2, 4])
@@ -246,20 +220,8 @@ def test_split_channels_match_torchvision(monkeypatch, splits):
 
 
 def test_kept_sampling_points_serve_inference_then_training(monkeypatch):
-    # The grid_sample formulation keeps each layer shape's sampling points from its first
-    # call. Made under inference_mode they must still be ordinary tensors, which a later
-    # call's backward can save.
     monkeypatch.setattr(deformcli.ops.deform_conv, "_grid_sample_for_autograd", lambda *a: True)
-    deformcli.ops._grid_sample._cached_kernel_points.cache_clear()
-    problem = make_problem(size=(8, 4))  # powers of two: training reuses the points
-    with torch.inference_mode():
-        first = problem.call(deform_conv2d)
-    expected = forward_and_grads(TV, problem)
-    assert_close_scaled(first, expected[0], 1e-10, "inference_mode output")
-    assert_outputs_and_grads_close(
-        problem, forward_and_grads(deform_conv2d, problem), expected, 1e-10
-    )
-    assert deformcli.ops._grid_sample._cached_kernel_points.cache_info().hits >= 1
+    check_kept_sampling_points(TV)
 
 
 def test_cpu_eager_samples_without_grid_sample(monkeypatch):
