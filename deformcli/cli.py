@@ -23,10 +23,14 @@ from rich.table import Table
 
 from deformcli import __version__
 from deformcli.errors import DeformcliError, first_line
+from deformcli.output_file import check_output
 from deformcli.validation import parse_device, parse_dtype, parse_shape
 
 if TYPE_CHECKING:  # the commands import their library modules where they use them
     from deformcli.bench import LayerTiming
+    from deformcli.checkpoint import DeformableLayerInfo
+    from deformcli.demo import DemoResult
+    from deformcli.verify import ConformanceCase, ModelComparison
 
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -222,10 +226,14 @@ def inspect(
     )
     for note in summary.notes:
         console.print(f"  - {escape(note)}", highlight=False)
-    layers = summary.deformable_layers
-    if not layers:
+    if summary.deformable_layers:
+        console.print(_layers_table(summary.deformable_layers))
+    else:
         console.print("No deformable layers recognised from the tensors alone.")
-        return
+
+
+def _layers_table(layers: list["DeformableLayerInfo"]) -> Table:
+    """Inspect's layers as a Rich table, one row per layer, never cut when piped."""
     table = Table(title=f"{len(layers)} deformable layer(s)", box=None, pad_edge=False)
     rows = [
         (
@@ -248,10 +256,22 @@ def inspect(
     if not console.is_terminal:
         # Piped output is not cut to 80 columns: it is as wide as the table's content.
         console.width = max(console.width, sum(widths) + table.padding[1] * 2 * len(widths))
-    console.print(table)
+    return table
 
 
 # ---------------------------------------------------------------------------------- convert
+
+
+CastDtypeOption = Annotated[
+    str | None, typer.Option("--dtype", help="Cast weights to float32/float16/bfloat16/float64.")
+]
+ConvertForceFlag = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="Replace an existing output; write it even if verification fails."
+    ),
+]
+NoVerifyFlag = Annotated[bool, typer.Option("--no-verify", help="Skip numerical verification.")]
 
 
 @app.command()
@@ -269,20 +289,10 @@ def convert(
     config: ConfigOption = None,
     input_shape: InputShapeOption = "1,3,640,640",
     input_file: InputFileOption = None,
-    dtype: Annotated[
-        str | None,
-        typer.Option("--dtype", help="Cast weights to float32/float16/bfloat16/float64."),
-    ] = None,
+    dtype: CastDtypeOption = None,
     trust_pickle: TrustPickleFlag = False,
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force", help="Replace an existing output; write it even if verification fails."
-        ),
-    ] = False,
-    no_verify: Annotated[
-        bool, typer.Option("--no-verify", help="Skip numerical verification.")
-    ] = False,
+    force: ConvertForceFlag = False,
+    no_verify: NoVerifyFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Convert a checkpoint into a verified, CPU-ready .safetensors.
@@ -351,7 +361,7 @@ def _print_conversion(result) -> None:
         console.print("Nothing written (verification failed; --force writes anyway).")
 
 
-def _print_comparison(verification) -> None:
+def _print_comparison(verification: "ModelComparison", picture: Path | None = None) -> None:
     from deformcli.verify import WEIGHTS_ONLY
 
     weights_only = verification.checked == WEIGHTS_ONLY
@@ -382,6 +392,8 @@ def _print_comparison(verification) -> None:
         )
     else:
         console.print(f"Verification {verdict} (tolerance {verification.tolerance:g} relative).")
+    if picture is not None:
+        console.print(f"Wrote [bold]{escape(str(picture))}[/]", highlight=False)
 
 
 # ----------------------------------------------------------------------------------- verify
@@ -422,39 +434,14 @@ def verify(
     Example: deformcli verify dbnet.deformcli.safetensors --model mypkg.model:build
     Example: deformcli verify dbnet.safetensors --model mypkg.model:build --plot dbnet.png
     """
-    from deformcli.verify import conformance_case_count, run_conformance
-
     if path is None:
-        with _progress(not as_json, "conformance", conformance_case_count()) as advance:
-            cases = run_conformance(progress=advance)
-        passed = all(case.passed for case in cases)
-        if as_json:
-            _print_json({"passed": passed, "cases": [case.to_dict() for case in cases]})
-        else:
-            table = Table(title="deformcli vs torchvision.ops.deform_conv2d (error / output scale)")
-            for column in ("configuration", "device", "dtype", "forward", "all gradients", "ok"):
-                table.add_column(column)
-            for case in cases:
-                table.add_row(
-                    case.name,
-                    case.device,
-                    case.dtype,
-                    f"{case.forward_error:.1e}",
-                    f"{case.backward_error:.1e}",
-                    "yes" if case.passed else "[red]NO[/]",
-                )
-            console.print(table)
-            console.print("[green]all passed[/]" if passed else "[bold red]FAILED[/]")
-        raise typer.Exit(EXIT_OK if passed else EXIT_VERIFICATION_FAILED)
-
+        _verify_op(as_json)
     if model is None and config is None:
         raise DeformcliError("verify PATH needs --model or --config to build the model to check")
-    if plot is not None:
-        from deformcli.output_file import check_output
-
-        check_output(plot, replace=force)
     from deformcli.convert import verify_file
 
+    if plot is not None:
+        check_output(plot, replace=force)  # before the model runs, not after
     comparison = verify_file(
         path,
         model,
@@ -469,10 +456,39 @@ def verify(
     if as_json:
         _print_json(comparison.to_dict())
     else:
-        _print_comparison(comparison)
-        if plot is not None:
-            console.print(f"Wrote [bold]{escape(str(plot))}[/]", highlight=False)
+        _print_comparison(comparison, picture=plot)
     raise typer.Exit(EXIT_OK if comparison.passed else EXIT_VERIFICATION_FAILED)
+
+
+def _verify_op(as_json: bool) -> None:
+    """``verify`` with no file: the op against torchvision's over the conformance grid."""
+    from deformcli.verify import conformance_case_count, run_conformance
+
+    with _progress(not as_json, "conformance", conformance_case_count()) as advance:
+        cases = run_conformance(progress=advance)
+    passed = all(case.passed for case in cases)
+    if as_json:
+        _print_json({"passed": passed, "cases": [case.to_dict() for case in cases]})
+    else:
+        console.print(_conformance_table(cases))
+        console.print("[green]all passed[/]" if passed else "[bold red]FAILED[/]")
+    raise typer.Exit(EXIT_OK if passed else EXIT_VERIFICATION_FAILED)
+
+
+def _conformance_table(cases: list["ConformanceCase"]) -> Table:
+    table = Table(title="deformcli vs torchvision.ops.deform_conv2d (error / output scale)")
+    for column in ("configuration", "device", "dtype", "forward", "all gradients", "ok"):
+        table.add_column(column)
+    for case in cases:
+        table.add_row(
+            case.name,
+            case.device,
+            case.dtype,
+            f"{case.forward_error:.1e}",
+            f"{case.backward_error:.1e}",
+            "yes" if case.passed else "[red]NO[/]",
+        )
+    return table
 
 
 def _plot_comparison(comparison, path: Path, replace: bool) -> None:
@@ -539,8 +555,6 @@ def bench(
     torch_dtype = parse_dtype(dtype)
     device = str(parse_device(device))
     if plot is not None:
-        from deformcli.output_file import check_output
-
         check_output(plot, replace=force)  # before minutes of timing, not after
     shapes = _bench_shapes(preset, shape)
     with _progress(not as_json, "bench", len(shapes) if shapes else 1) as advance:
@@ -699,51 +713,56 @@ def demo(
     if as_json:
         _print_json(report.to_dict())
     else:
-        console.print(
-            f"1. Saved a CUDA-style DBNet checkpoint: [bold]{escape(str(report.checkpoint))}[/]",
-            highlight=False,
-        )
-        console.print(f"   ({report.layers_found} deformable layers found in its tensors)")
-        conversion = report.conversion
-        verification = conversion.verification
-        console.print(
-            f"2. Converted to [bold]{escape(str(conversion.output))}[/]: "
-            f"{len(conversion.deformcli_layers)} deformcli layers, end-to-end max "
-            "rel error "
-            f"{verification.max_rel:.2e} ({'passed' if verification.passed else 'FAILED'})",
-            highlight=False,
-        )
-        if report.picture is not None:
-            console.print(
-                f"3. Both models on an image with text: [bold]{escape(str(report.picture))}[/] "
-                "(input, torchvision's map, deformcli's map, their difference: max "
-                f"{report.map_max_abs_difference:.1e})",
-                highlight=False,
-            )
-        else:
-            console.print(f"3. No picture: {escape(str(report.picture_note))}", highlight=False)
-        timing = report.bench
-
-        def timed(name: str, median_ms: float) -> str:
-            low, high = timing.spread_ms[name]
-            return f"{name} {median_ms:.0f} ms ({low:.0f}-{high:.0f})"
-
-        console.print(
-            f"4. Whole model forward, {tuple(timing.shape)}, median and interquartile range "
-            f"of {timing.rounds} interleaved rounds: {timed('deformcli', timing.deformcli_ms)}, "
-            f"{timed('torchvision', timing.torchvision_ms)}, "
-            f"{timed('dense', timing.dense_ms)} (dense convolutions in place of the deformable "
-            "ones: the floor)",
-            highlight=False,
-        )
-        console.print(
-            "Next: deformcli inspect / convert your own checkpoint, with "
-            "--model deformcli.models.dbnet:build_dbnet as a pattern. Files are in "
-            f"{escape(str(out_dir))}/",
-            highlight=False,
-        )
+        _print_demo(report, out_dir)
     if not report.conversion.verified:
         raise typer.Exit(EXIT_VERIFICATION_FAILED)
+
+
+def _print_demo(report: "DemoResult", out_dir: Path) -> None:
+    """The demo's four steps, one numbered line (or two) each."""
+    console.print(
+        f"1. Saved a CUDA-style DBNet checkpoint: [bold]{escape(str(report.checkpoint))}[/]",
+        highlight=False,
+    )
+    console.print(f"   ({report.layers_found} deformable layers found in its tensors)")
+    conversion = report.conversion
+    verification = conversion.verification
+    console.print(
+        f"2. Converted to [bold]{escape(str(conversion.output))}[/]: "
+        f"{len(conversion.deformcli_layers)} deformcli layers, end-to-end max "
+        "rel error "
+        f"{verification.max_rel:.2e} ({'passed' if verification.passed else 'FAILED'})",
+        highlight=False,
+    )
+    if report.picture is not None:
+        console.print(
+            f"3. Both models on an image with text: [bold]{escape(str(report.picture))}[/] "
+            "(input, torchvision's map, deformcli's map, their difference: max "
+            f"{report.map_max_abs_difference:.1e})",
+            highlight=False,
+        )
+    else:
+        console.print(f"3. No picture: {escape(str(report.picture_note))}", highlight=False)
+    timing = report.bench
+
+    def timed(name: str, median_ms: float) -> str:
+        low, high = timing.spread_ms[name]
+        return f"{name} {median_ms:.0f} ms ({low:.0f}-{high:.0f})"
+
+    console.print(
+        f"4. Whole model forward, {tuple(timing.shape)}, median and interquartile range "
+        f"of {timing.rounds} interleaved rounds: {timed('deformcli', timing.deformcli_ms)}, "
+        f"{timed('torchvision', timing.torchvision_ms)}, "
+        f"{timed('dense', timing.dense_ms)} (dense convolutions in place of the deformable "
+        "ones: the floor)",
+        highlight=False,
+    )
+    console.print(
+        "Next: deformcli inspect / convert your own checkpoint, with "
+        "--model deformcli.models.dbnet:build_dbnet as a pattern. Files are in "
+        f"{escape(str(out_dir))}/",
+        highlight=False,
+    )
 
 
 def _machine(device: str) -> str:
