@@ -306,19 +306,7 @@ def _load_torch(
                     f"read pickled {', '.join(inert)} as inert data (their code was not run)"
                 )
     except pickle.UnpicklingError as error:
-        message = str(error)
-        if "Weights only load failed" in message:
-            detail = _refusal_detail(message)
-            if "GLOBAL" in detail:
-                raise PickledObjectsError(
-                    f"{path}: holds pickled Python objects (for example a whole model) that "
-                    f"the safe weights-only load refuses ({detail})"
-                ) from None
-            raise CheckpointError(
-                f"{path}: is not a plain checkpoint: the safe weights-only loader refused it "
-                f"({detail})"
-            ) from None
-        raise CheckpointError(f"{path}: is not a readable torch checkpoint ({message})") from None
+        raise _refusal_error(path, str(error)) from None
     except CheckpointError:
         raise
     except Exception as error:
@@ -328,6 +316,22 @@ def _load_torch(
             f"{first_line(error) or type(error).__name__})"
         ) from None
     return obj, locations
+
+
+def _refusal_error(path: Path, message: str) -> CheckpointError:
+    """The error for an unpickling refusal: pickled objects (which trusting the file would
+    load), another kind of refusal, or an unreadable pickle."""
+    if "Weights only load failed" not in message:
+        return CheckpointError(f"{path}: is not a readable torch checkpoint ({message})")
+    detail = _refusal_detail(message)
+    if "GLOBAL" in detail:
+        return PickledObjectsError(
+            f"{path}: holds pickled Python objects (for example a whole model) that the safe "
+            f"weights-only load refuses ({detail})"
+        )
+    return CheckpointError(
+        f"{path}: is not a plain checkpoint: the safe weights-only loader refused it ({detail})"
+    )
 
 
 class InertObject:
@@ -622,21 +626,19 @@ def find_deformable_layers(
             offset_weight = state_dict.get(f"{offset_name}.weight")
             if offset_weight is None or offset_weight.dim() != 4:
                 continue
-            channels = offset_weight.shape[0]
-            v1 = channels % (2 * kernel_points) == 0
-            v2 = channels % (3 * kernel_points) == 0
             if offset_weight.shape[2:] != weight.shape[2:]:
                 continue
-            if not (v1 or v2):
+            kind_and_groups = _offset_conv_kind(offset_weight.shape[0], kernel_points)
+            if kind_and_groups is None:
                 if near_misses is not None:
                     near_misses.append(
-                        f"{offset_name} beside {name} has {channels} output channels, not a "
-                        f"multiple of 2*kH*kW = {2 * kernel_points} (DCNv1) or 3*kH*kW = "
-                        f"{3 * kernel_points} (DCNv2): {name} is not counted as deformable"
+                        f"{offset_name} beside {name} has {offset_weight.shape[0]} output "
+                        f"channels, not a multiple of 2*kH*kW = {2 * kernel_points} (DCNv1) or "
+                        f"3*kH*kW = {3 * kernel_points} (DCNv2): {name} is not counted as "
+                        "deformable"
                     )
                 continue
-            kind = "DCNv1/DCNv2" if v1 and v2 else ("DCNv1" if v1 else "DCNv2")
-            groups = channels // ((2 if v1 and not v2 else 3) * kernel_points)
+            kind, groups = kind_and_groups
             layers.append(
                 DeformableLayerInfo(
                     name=name,
@@ -651,6 +653,17 @@ def find_deformable_layers(
             )
             break
     return layers
+
+
+def _offset_conv_kind(channels: int, kernel_points: int) -> tuple[str, int] | None:
+    """``(kind, offset_groups)`` of an offset conv with ``channels`` outputs beside a kernel of
+    ``kernel_points``, or None when the width fits neither DCNv1 nor DCNv2."""
+    v1 = channels % (2 * kernel_points) == 0
+    v2 = channels % (3 * kernel_points) == 0
+    if not (v1 or v2):
+        return None
+    kind = "DCNv1/DCNv2" if v1 and v2 else ("DCNv1" if v1 else "DCNv2")
+    return kind, channels // ((2 if v1 and not v2 else 3) * kernel_points)
 
 
 def find_deformable_modules(model: nn.Module) -> list[DeformableLayerInfo]:

@@ -66,15 +66,7 @@ def run_demo(
     model = build_dbnet("torchvision")
     checkpoint = out_dir / "dbnet_cuda_style.pth"
     step(f"saving {checkpoint.name} as a training script would")
-    with writing(checkpoint, replace=True) as temporary:
-        torch.save(
-            {
-                "epoch": 1200,
-                "state_dict": nn.DataParallel(model).state_dict(),
-                "optimizer": {"lr": 0.007, "momentum": 0.9},
-            },
-            temporary,
-        )
+    _save_as_training_script(model, checkpoint)
     layers = find_deformable_layers(load_checkpoint(checkpoint).state_dict)
     output = out_dir / "dbnet.deformcli.safetensors"
     result = convert(
@@ -90,21 +82,7 @@ def run_demo(
     converted = load_model(output, MODEL_SPEC)
     with torch.no_grad():
         reference_map, converted_map = model(image), converted(image)
-    picture_path = out_dir / "demo.png"
-    try:
-        plot_comparison(
-            image,
-            reference_map,
-            converted_map,
-            picture_path,
-            replace=True,
-            title="the example DBNet (untrained weights: the maps are not meant to find the "
-            "text, only to be the same with both kernels)",
-        )
-    except MatplotlibMissingError as error:  # say how to get the picture instead
-        picture, picture_note = None, str(error)
-    else:
-        picture, picture_note = picture_path, None
+    picture, picture_note = _draw_maps(image, reference_map, converted_map, out_dir / "demo.png")
     step("timing the whole model")
     timing = time_model(rounds=rounds, size=size)
     return DemoResult(
@@ -116,6 +94,40 @@ def run_demo(
         map_max_abs_difference=(reference_map - converted_map).abs().max().item(),
         bench=timing,
     )
+
+
+def _save_as_training_script(model: nn.Module, path: Path) -> None:
+    """``model`` saved as a CUDA training script saves it: wrapped in DataParallel (``module.``
+    keys), inside a training-state container with its epoch and optimizer settings."""
+    with writing(path, replace=True) as temporary:
+        torch.save(
+            {
+                "epoch": 1200,
+                "state_dict": nn.DataParallel(model).state_dict(),
+                "optimizer": {"lr": 0.007, "momentum": 0.9},
+            },
+            temporary,
+        )
+
+
+def _draw_maps(
+    image: torch.Tensor, reference_map: torch.Tensor, converted_map: torch.Tensor, path: Path
+) -> tuple[Path | None, str | None]:
+    """Draw both models' maps to ``path``: ``(path, None)``, or ``(None, how to get it)``
+    without matplotlib."""
+    try:
+        plot_comparison(
+            image,
+            reference_map,
+            converted_map,
+            path,
+            replace=True,
+            title="the example DBNet (untrained weights: the maps are not meant to find the "
+            "text, only to be the same with both kernels)",
+        )
+    except MatplotlibMissingError as error:  # say how to get the picture instead
+        return None, str(error)
+    return path, None
 
 
 def text_image(size: int) -> torch.Tensor:

@@ -10,7 +10,8 @@ class CheckpointError(DeformcliError):
 
 
 class ModelError(DeformcliError):
-    """A ``--model`` factory cannot be imported or called, or the weights do not fit it."""
+    """A model factory (``package.module:function``) cannot be imported or called, or the
+    weights do not fit the model it builds."""
 
 
 def first_line(error: BaseException) -> str:

@@ -67,13 +67,11 @@ def gather_deform_conv2d(
     ``offset_grad_inside_only`` picks mmcv's offset-gradient convention over torchvision's
     (see ``deformcli.ops.deform_conv._deform_conv2d``).
     """
-    offset_groups, out_h, out_w = geometry.offset_groups, geometry.out_h, geometry.out_w
-    batch, in_channels, _, _ = input.shape
-    out_channels, group_in_channels, kernel_h, kernel_w = weight.shape
-    groups = geometry.groups
+    batch, out_channels = input.shape[0], weight.shape[0]
+    kernel_h, kernel_w = weight.shape[2], weight.shape[3]
     kernel_points = kernel_h * kernel_w
 
-    table = _gather_table(input, offset_groups, sample_dtype)
+    table = _gather_table(input, geometry.offset_groups, sample_dtype)
     # torchvision gives no value to a point at or beyond -1 or H (W). Without autograd such a
     # point reads nothing at all. With it, torchvision's convention still differentiates a
     # point at exactly -1 one-sidedly (seeing row or column 0), so that point is sampled,
@@ -87,48 +85,85 @@ def gather_deform_conv2d(
     modulation: Tensor | None = None
     if mask is not None:
         modulation = _by_output_row(mask.to(sample_dtype), geometry, kernel_points, 1)[..., 0]
-    # weight as (groups, C_out / groups, K * C_in / groups), matching the columns' (k, c) order.
-    weight_matrix = (
-        weight.to(gemm_dtype)
+    out = _convolve_rows(
+        table,
+        offset,
+        modulation,
+        sampling,
+        _weight_matrix(weight, geometry.groups, gemm_dtype),
+        geometry,
+        needs_grad,
+        needs_grad and input.requires_grad,
+    )
+    if bias is not None:
+        out.add_(bias.to(gemm_dtype).view(1, out_channels, 1))  # in place: no second buffer
+    out = out.reshape(batch, out_channels, geometry.out_h, geometry.out_w)
+    return out.to(input.dtype).contiguous()
+
+
+def _weight_matrix(weight: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
+    """The weight ``(C_out, C_in / groups, kH, kW)`` as ``(groups, C_out / groups, K * C_in /
+    groups)`` in ``dtype``, matching the columns' (k, c) order."""
+    out_channels, group_in_channels, kernel_h, kernel_w = weight.shape
+    kernel_points = kernel_h * kernel_w
+    return (
+        weight.to(dtype)
         .reshape(groups, out_channels // groups, group_in_channels, kernel_points)
         .transpose(2, 3)
         .reshape(groups, out_channels // groups, kernel_points * group_in_channels)
     )
+
+
+def _convolve_rows(
+    table: Tensor,
+    offset: Tensor,
+    modulation: Tensor | None,
+    sampling: _SamplingIndex,
+    weight_matrix: Tensor,
+    geometry: Geometry,
+    needs_grad: bool,
+    input_needs_grad: bool,
+) -> Tensor:
+    """``(N, C_out, H_out * W_out)`` in the weight matrix's dtype, without the bias: the
+    sampled columns times the weight, in chunks of output rows under the column-memory cap.
+
+    ``table``, ``offset``, ``modulation`` and ``sampling`` are as :func:`_sample_rows` takes
+    them (for all N * H_out rows); ``weight_matrix`` as :func:`_weight_matrix` makes it.
+    """
+    out_h, out_w = geometry.out_h, geometry.out_w
+    total_rows, _, kernel_points, _, _ = offset.shape
+    batch = total_rows // out_h
+    groups, group_out_channels, depth = weight_matrix.shape
     rows_per_chunk = chunk_rows(
-        batch * out_h,
+        total_rows,
         out_w,
-        out_w * kernel_points * in_channels * table.element_size(),
-        needs_grad and input.requires_grad,
-        input.device.type,
+        out_w * groups * depth * table.element_size(),
+        input_needs_grad,
+        table.device.type,
     )
     # Without autograd, each chunk's (positions, C_out) product is written transposed into the
     # (N, C_out, H_out * W_out) output while it is still in cache, so no second output-sized
     # buffer exists; with autograd, chunks are concatenated and transposed at the end.
-    out = torch.empty(
-        batch if not needs_grad else 0,
-        out_channels,
-        out_h * out_w,
-        dtype=gemm_dtype,
-        device=input.device,
+    out = weight_matrix.new_empty(
+        batch if not needs_grad else 0, groups * group_out_channels, out_h * out_w
     )
     out_chunks: list[Tensor] = []
     # At least one chunk, empty for an empty batch, so the output is connected to autograd.
-    for start in range(0, max(batch * out_h, 1), max(rows_per_chunk, 1)):
-        stop = min(start + rows_per_chunk, batch * out_h)
+    for start in range(0, max(total_rows, 1), max(rows_per_chunk, 1)):
+        stop = min(start + rows_per_chunk, total_rows)
         chunk_modulation: Tensor | None = None
         if modulation is not None:
             chunk_modulation = modulation[start:stop]
         columns = _sample_rows(table, offset[start:stop], chunk_modulation, sampling, start, stop)
-        product = _grouped_product(columns.to(gemm_dtype), weight_matrix, kernel_points)
+        product = _grouped_product(columns.to(weight_matrix.dtype), weight_matrix, kernel_points)
         if needs_grad:
             out_chunks.append(product)
         else:
             _write_transposed(product, out, start, stop, out_h, out_w)
     if needs_grad:
-        out = torch.cat(out_chunks).view(batch, out_h * out_w, out_channels).transpose(1, 2)
-    if bias is not None:
-        out.add_(bias.to(gemm_dtype).view(1, out_channels, 1))  # in place: no second buffer
-    return out.reshape(batch, out_channels, out_h, out_w).to(input.dtype).contiguous()
+        out = torch.cat(out_chunks).view(batch, out_h * out_w, groups * group_out_channels)
+        out = out.transpose(1, 2)
+    return out
 
 
 def _gather_table(input: Tensor, offset_groups: int, dtype: torch.dtype) -> Tensor:

@@ -67,17 +67,15 @@ def grid_sample_deform_conv2d(
     """
     offset_groups, out_h, out_w = geometry.offset_groups, geometry.out_h, geometry.out_w
     symbolic = exporting or torch.jit.is_scripting() or torch.compiler.is_compiling()
-    batch, in_channels, height, width = input.shape
-    out_channels, group_in_channels, kernel_h, kernel_w = weight.shape
-    groups = geometry.groups
+    batch, _, height, width = input.shape
+    kernel_h, kernel_w = weight.shape[2], weight.shape[3]
     kernel_points = kernel_h * kernel_w
 
     padded_h, padded_w = height, width
     if needs_grad and not exporting:
         # Exact integer sampling points (see the module docstring). Exported graphs keep H, W
         # symbolic, so they normalise with the true size: values agree to float rounding.
-        padded_h = _next_power_of_two(height)
-        padded_w = _next_power_of_two(width)
+        padded_h, padded_w = _next_power_of_two(height), _next_power_of_two(width)
 
     # (N * offset_groups, K, H_out, W_out, 2) normalised (y, x) points of the transposed image.
     grid = _sampling_grid(
@@ -101,34 +99,54 @@ def grid_sample_deform_conv2d(
     modulation: Tensor | None = None
     if mask is not None:
         modulation = mask.reshape(batch, offset_groups, 1, kernel_points, out_h, out_w)
+    out = _convolve_columns(image, grid, modulation, weight, bias, geometry, gemm_dtype)
+    return _cast(out, input.dtype)
 
-    weight_matrix = _cast(weight, gemm_dtype).reshape(
-        groups, out_channels // groups, group_in_channels * kernel_points
+
+def _convolve_columns(
+    image: Tensor,
+    grid: Tensor,
+    modulation: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    geometry: Geometry,
+    dtype: torch.dtype,
+) -> Tensor:
+    """``(N, C_out, H_out, W_out)`` in ``dtype``: the sampled columns times the weight plus the
+    bias, in chunks of output rows under the column-memory cap (:mod:`._chunking`).
+
+    ``image``, ``grid`` and ``modulation`` are as :func:`_sample_columns` takes them.
+    """
+    out_h, out_w, groups = geometry.out_h, geometry.out_w, geometry.groups
+    batch = grid.shape[0] // geometry.offset_groups
+    out_channels, group_in_channels, kernel_h, kernel_w = weight.shape
+    weight_matrix = _cast(weight, dtype).reshape(
+        groups, out_channels // groups, group_in_channels * kernel_h * kernel_w
     )
     bias_column: Tensor | None = None
     if bias is not None:
-        bias_column = _cast(bias, gemm_dtype).view(groups, out_channels // groups, 1)
+        bias_column = _cast(bias, dtype).view(groups, out_channels // groups, 1)
     rows_per_chunk = chunk_rows(
         out_h,
         out_w,
-        batch * in_channels * kernel_points * out_w * weight_matrix.element_size(),
+        batch * groups * weight_matrix.shape[2] * out_w * weight_matrix.element_size(),
         torch.is_grad_enabled() and image.requires_grad,
-        input.device.type,
+        image.device.type,
     )
     if rows_per_chunk >= out_h:
-        columns = _sample_columns(image, grid, modulation, 0, out_h, batch, groups, gemm_dtype)
+        columns = _sample_columns(image, grid, modulation, 0, out_h, batch, groups, dtype)
         out = _contract(weight_matrix, columns, bias_column)
     else:
         out = weight_matrix.new_empty(batch, groups, out_channels // groups, out_h * out_w)
         for row_start in range(0, out_h, rows_per_chunk):
             row_stop = min(row_start + rows_per_chunk, out_h)
             columns = _sample_columns(
-                image, grid, modulation, row_start, row_stop, batch, groups, gemm_dtype
+                image, grid, modulation, row_start, row_stop, batch, groups, dtype
             )
             out[..., row_start * out_w : row_stop * out_w] = _contract(
                 weight_matrix, columns, bias_column
             )
-    return _cast(out.view(batch, out_channels, out_h, out_w), input.dtype)
+    return out.view(batch, out_channels, out_h, out_w)
 
 
 def _sampling_grid(

@@ -141,16 +141,7 @@ def _deform_conv2d(
         input, offset, weight, bias, stride, padding, dilation, mask
     )
 
-    # Sampling runs in at least float32: half-precision coordinates would be off by pixels.
-    # On CPU the float16 GEMM runs in float32 too: CPUs have no fast float16 matrix product (it
-    # is ~40x slower than float32 here), while bfloat16 ones use oneDNN's bf16 kernels.
-    sample_dtype = input.dtype
-    if sample_dtype == torch.float16 or sample_dtype == torch.bfloat16:
-        sample_dtype = torch.float32
-    gemm_dtype = input.dtype
-    if input.device.type == "cpu" and input.dtype == torch.float16:
-        gemm_dtype = torch.float32
-
+    sample_dtype, gemm_dtype = _compute_dtypes(input)
     needs_grad = _needs_autograd(input, offset, weight, bias, mask)
     exporting = _exporting()
     if input.device.type == "cpu" and not exporting and not _grid_sample_for_autograd(needs_grad):
@@ -180,6 +171,20 @@ def _deform_conv2d(
         needs_grad=needs_grad,
         exporting=exporting,
     )
+
+
+def _compute_dtypes(input: Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes that sampling and the GEMM run in for ``input``."""
+    # Sampling runs in at least float32: half-precision coordinates would be off by pixels.
+    # On CPU the float16 GEMM runs in float32 too: CPUs have no fast float16 matrix product (it
+    # is ~40x slower than float32 here), while bfloat16 ones use oneDNN's bf16 kernels.
+    sample_dtype = input.dtype
+    if sample_dtype == torch.float16 or sample_dtype == torch.bfloat16:
+        sample_dtype = torch.float32
+    gemm_dtype = input.dtype
+    if input.device.type == "cpu" and input.dtype == torch.float16:
+        gemm_dtype = torch.float32
+    return sample_dtype, gemm_dtype
 
 
 def _as_pair(value: tuple[int, int]) -> tuple[int, int]:
