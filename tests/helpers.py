@@ -1,12 +1,14 @@
-"""Shared test helpers: random problems, scale-aware comparisons, a code-running pickle."""
+"""Shared test helpers: random problems, scale-aware comparisons, a code-running pickle, a tiny
+model with deformable layers."""
 
 import os
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from deformcli import deform_conv2d, get_max_column_bytes, set_max_column_bytes
+from deformcli import DeformConv2d, deform_conv2d, get_max_column_bytes, set_max_column_bytes
+from deformcli.families import mmcv
 
 GEOMETRIES = {
     "plain": dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1)),
@@ -199,3 +201,28 @@ class RunsCode:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+class TinyDCN(nn.Module):
+    """A DCNv2 block (offset conv beside the layer), small enough to export in seconds."""
+
+    def __init__(self, channels: int = 8):
+        super().__init__()
+        self.offset = nn.Conv2d(channels, 27, 3, padding=1)
+        self.dcn = DeformConv2d(channels, channels, 3, padding=1)
+        self.pack = mmcv.ModulatedDeformConv2dPack(
+            channels, channels, 3, padding=1, deform_groups=2
+        )
+        with torch.no_grad():
+            self.offset.weight.normal_(0, 0.2)
+            self.pack.conv_offset.weight.normal_(0, 0.2)
+
+    def forward(self, x):
+        offset_mask = self.offset(x)
+        x = self.dcn(x, offset_mask[:, :18], offset_mask[:, 18:].sigmoid())
+        return self.pack(x)
+
+
+def build_tiny(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return TinyDCN().eval()

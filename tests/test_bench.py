@@ -1,12 +1,9 @@
-"""deformcli.bench and deformcli.plot as libraries."""
+"""deformcli.bench as a library."""
 
 import pytest
 import torch
-from PIL import Image
 
-from deformcli.bench import LayerTiming, _quartiles, make_layer_inputs, run_benchmark, time_layer
-from deformcli.output_file import OutputExistsError
-from deformcli.plot import plot_timings
+from deformcli.bench import _quartiles, make_layer_inputs, run_benchmark, time_layer
 from deformcli.validation import InputError
 
 
@@ -43,13 +40,3 @@ def test_layer_inputs_refuse_what_cannot_fit():
         make_layer_inputs((1, 10**6, 4, 4))
     with pytest.raises(InputError, match="between 1 and"):
         make_layer_inputs((1, 0, 4, 4))
-
-
-def test_plot_timings_writes_a_png_once(tmp_path):
-    timing = LayerTiming((1, 8, 8, 8), "float32", "cpu", False, 3, 2.0, 6.0, 1.0)
-    rows = [timing.to_dict()]
-    path = plot_timings(rows, tmp_path / "chart.png", "title")
-    Image.open(path).verify()
-    with pytest.raises(OutputExistsError):
-        plot_timings(rows, path, "title")
-    plot_timings(rows, path, "again", replace=True)

@@ -1,13 +1,10 @@
-"""``deformcli demo`` and ``verify --plot``: the picture's panels come from the two models."""
+"""``deformcli demo``: the picture's panels come from the two models."""
 
-import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 import deformcli.demo
 import deformcli.plot
-from deformcli.cli import app
 from deformcli.models.dbnet import build_dbnet
 from deformcli.user_model import fit_state_dict
 
@@ -47,19 +44,3 @@ def test_without_matplotlib_the_demo_says_how_to_get_the_picture(tmp_path, monke
     report = deformcli.demo.run_demo(tmp_path, size=64, rounds=1)
     assert report.picture is None and "pip install" in report.picture_note
     assert not (tmp_path / "demo.png").exists()
-
-
-def test_verify_plot(tmp_path):
-    torch.save(build_dbnet("torchvision").state_dict(), tmp_path / "m.pth")
-    args = ["verify", str(tmp_path / "m.pth"), "--model", "deformcli.models.dbnet:build_dbnet"]
-    args += ["--input-shape", "1,3,64,64", "--plot", str(tmp_path / "v.png")]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    Image.open(tmp_path / "v.png").verify()
-    again = CliRunner().invoke(app, args)
-    assert again.exit_code == 2 and "already exists" in again.output
-
-
-@pytest.mark.parametrize("shape", [[2, 10], [1, 1, 1, 5]])
-def test_only_image_maps_are_drawn(shape):
-    assert not deformcli.plot.is_image_map(torch.zeros(shape))

@@ -6,21 +6,15 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 
-import deformcli.ops._gather
-import deformcli.ops._grid_sample
-import deformcli.ops.deform_conv
-from deformcli import deform_conv2d, set_max_column_bytes
+from deformcli import deform_conv2d
 from tests.helpers import (
     GEOMETRIES,
     assert_close_scaled,
     assert_outputs_and_grads_close,
     check_against,
-    check_chunked_columns,
     check_gradcheck_and_gradgradcheck,
-    check_kept_sampling_points,
     forward_and_grads,
     make_problem,
     names_for,
@@ -198,49 +192,6 @@ def test_half_precisions_against_float64(dtype, tol):
     assert all(t.grad is not None and t.grad.dtype == dtype for t in tensors)
 
 
-@pytest.mark.usefixtures("formulation")
-@pytest.mark.parametrize("groups", [1, 2])
-@pytest.mark.parametrize("rows_per_chunk", [1, 3])
-def test_chunked_columns_match_torchvision(monkeypatch, rows_per_chunk, groups):
-    # 3 rows per chunk over 2 images of 40 rows: chunk 39:42 crosses from one image to the
-    # next. With grads the op uses at most 8 chunks (here 5 rows each).
-    problem = make_problem(batch=2, in_channels=12, size=(40, 24), groups=groups, offset_groups=3)
-    bytes_per_row = 24 * 9 * 12 * problem.input.element_size()  # W_out * K * C_in * 8
-    check_chunked_columns(TV, problem, rows_per_chunk * bytes_per_row, monkeypatch)
-
-
-@pytest.mark.parametrize("splits", [2, 4])
-def test_split_channels_match_torchvision(monkeypatch, splits):
-    # On GPUs grid_sample's channels are split across threads; the split must not change a
-    # value or a gradient (batch 2 and 3 offset groups: the points are copied per split).
-    monkeypatch.setattr(deformcli.ops.deform_conv, "_grid_sample_for_autograd", lambda *a: True)
-    monkeypatch.setattr(deformcli.ops._grid_sample, "_channel_splits", lambda *a: splits)
-    problem = make_problem(in_channels=24, groups=2, offset_groups=3, **GEOMETRIES["asymmetric"])
-    check_against(TV, problem, 1e-10)
-
-
-def test_kept_sampling_points_serve_inference_then_training(monkeypatch):
-    monkeypatch.setattr(deformcli.ops.deform_conv, "_grid_sample_for_autograd", lambda *a: True)
-    check_kept_sampling_points(TV)
-
-
-def test_cpu_eager_samples_without_grid_sample(monkeypatch):
-    # On CPU, eager sampling is the channels-last gather, with and without autograd; only
-    # TorchScript and torch.compile with gradients fall back to grid_sample. A silent fallback
-    # would keep the numbers and lose the speed.
-    problem = make_problem()
-    expected = forward_and_grads(TV, problem)
-    calls = []
-    grid_sample = F.grid_sample
-    monkeypatch.setattr(F, "grid_sample", lambda *a, **k: calls.append(1) or grid_sample(*a, **k))
-    with torch.no_grad():
-        assert_close_scaled(problem.call(deform_conv2d), expected[0], 1e-10)
-    assert_outputs_and_grads_close(
-        problem, forward_and_grads(deform_conv2d, problem), expected, 1e-10
-    )
-    assert not calls
-
-
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("name", ["input", "offset", "weight", "bias", "mask"])
 def test_gradient_of_one_tensor(name, groups):
@@ -264,16 +215,6 @@ def test_torchscript_gradients_match_torchvision():
     )
 
 
-def test_inference_path_with_int64_indices(monkeypatch):
-    # Tables beyond 2**31 rows switch to int64 indices; force the switch on a small problem.
-    assert deformcli.ops._gather._index_dtype(2**31 - 1) == torch.int32
-    assert deformcli.ops._gather._index_dtype(2**31) == torch.int64
-    monkeypatch.setattr(deformcli.ops._gather, "_index_dtype", lambda rows: torch.int64)
-    problem = make_problem(batch=3, groups=2, offset_groups=3)
-    with torch.no_grad():
-        assert_close_scaled(problem.call(deform_conv2d), problem.call(TV), 1e-10)
-
-
 @pytest.mark.usefixtures("formulation")
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 1e30])
 @pytest.mark.parametrize("inference", [True, False])
@@ -289,31 +230,6 @@ def test_non_finite_and_huge_offsets_sample_nothing(value, inference):
         input, offset, _, _, mask = tensors
         for tensor in (input, offset, mask):
             assert torch.count_nonzero(tensor.grad) == 0
-
-
-def test_inference_points_on_minus_one_never_read_the_border():
-    # torchvision's forward gives a point at y == -1 or x == -1 no value at all, so an infinite
-    # pixel in row or column 0 must not leak in through a zero interpolation weight. (With
-    # autograd, under torchvision's convention, such a point is sampled with weight zero on
-    # row 0: its one-sided offset gradient at y == -1 needs row 0.)
-    problem = make_problem(kernel=(1, 1), padding=(0, 0), offset_scale=0.0, with_mask=False)
-    _, _, out_h, out_w = problem.offset.shape
-    rows = torch.arange(out_h, dtype=torch.float64).view(1, out_h, 1)
-    cols = torch.arange(out_w, dtype=torch.float64).view(1, 1, out_w)
-    offset = problem.offset.view(-1, 2, out_h, out_w)
-    offset[:, 0] = -1 - rows  # y == -1 exactly
-    offset[:, 1] = 3 - cols  # x == 3, inside
-    problem.input[:, :, 0, :] = float("inf")
-    problem.input[:, :, :, 3] = float("inf")
-    expected = problem.call(TV)
-    assert torch.isfinite(expected).all()
-    with torch.no_grad():
-        assert torch.equal(problem.call(deform_conv2d), expected)
-
-
-def test_set_max_column_bytes_rejects_non_positive():
-    with pytest.raises(ValueError, match="positive"):
-        set_max_column_bytes(0)
 
 
 def test_torchscript_of_functional_op():

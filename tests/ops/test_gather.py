@@ -1,0 +1,79 @@
+"""The CPU gather formulation (deformcli.ops._gather): its table, its index types, and that
+eager CPU calls take it (tests/ops/test_deform_conv.py runs the whole op on both formulations)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import deformcli.ops._gather
+from deformcli import deform_conv2d
+from deformcli.ops._gather import _gather_table
+from tests.helpers import (
+    assert_close_scaled,
+    assert_outputs_and_grads_close,
+    forward_and_grads,
+    make_problem,
+)
+
+TV = torchvision.ops.deform_conv2d
+
+
+def test_cpu_eager_samples_without_grid_sample(monkeypatch):
+    # On CPU, eager sampling is the channels-last gather, with and without autograd; only
+    # TorchScript and torch.compile with gradients fall back to grid_sample. A silent fallback
+    # would keep the numbers and lose the speed.
+    problem = make_problem()
+    expected = forward_and_grads(TV, problem)
+    calls = []
+    grid_sample = F.grid_sample
+    monkeypatch.setattr(F, "grid_sample", lambda *a, **k: calls.append(1) or grid_sample(*a, **k))
+    with torch.no_grad():
+        assert_close_scaled(problem.call(deform_conv2d), expected[0], 1e-10)
+    assert_outputs_and_grads_close(
+        problem, forward_and_grads(deform_conv2d, problem), expected, 1e-10
+    )
+    assert not calls
+
+
+def test_inference_path_with_int64_indices(monkeypatch):
+    # Tables beyond 2**31 rows switch to int64 indices; force the switch on a small problem.
+    assert deformcli.ops._gather._index_dtype(2**31 - 1) == torch.int32
+    assert deformcli.ops._gather._index_dtype(2**31) == torch.int64
+    monkeypatch.setattr(deformcli.ops._gather, "_index_dtype", lambda rows: torch.int64)
+    problem = make_problem(batch=3, groups=2, offset_groups=3)
+    with torch.no_grad():
+        assert_close_scaled(problem.call(deform_conv2d), problem.call(TV), 1e-10)
+
+
+def test_inference_points_on_minus_one_never_read_the_border():
+    # torchvision's forward gives a point at y == -1 or x == -1 no value at all, so an infinite
+    # pixel in row or column 0 must not leak in through a zero interpolation weight. (With
+    # autograd, under torchvision's convention, such a point is sampled with weight zero on
+    # row 0: its one-sided offset gradient at y == -1 needs row 0.)
+    problem = make_problem(kernel=(1, 1), padding=(0, 0), offset_scale=0.0, with_mask=False)
+    _, _, out_h, out_w = problem.offset.shape
+    rows = torch.arange(out_h, dtype=torch.float64).view(1, out_h, 1)
+    cols = torch.arange(out_w, dtype=torch.float64).view(1, 1, out_w)
+    offset = problem.offset.view(-1, 2, out_h, out_w)
+    offset[:, 0] = -1 - rows  # y == -1 exactly
+    offset[:, 1] = 3 - cols  # x == 3, inside
+    problem.input[:, :, 0, :] = float("inf")
+    problem.input[:, :, :, 3] = float("inf")
+    expected = problem.call(TV)
+    assert torch.isfinite(expected).all()
+    with torch.no_grad():
+        assert torch.equal(problem.call(deform_conv2d), expected)
+
+
+@pytest.mark.parametrize("offset_groups", [1, 2])
+def test_gather_table_rows_are_pixels_of_the_zero_framed_image(offset_groups):
+    input = torch.randn(2, 4, 3, 5)
+    table = _gather_table(input, offset_groups, torch.float64)
+    group_channels = 4 // offset_groups
+    assert table.shape == (2 * 5 * 7 * offset_groups + 1, group_channels)
+    assert table.dtype == torch.float64
+    framed = table[:-1].view(2, 5, 7, 4)
+    assert torch.equal(framed[:, 1:-1, 1:-1], input.permute(0, 2, 3, 1).double())
+    framed[:, 1:-1, 1:-1] = 0
+    assert torch.count_nonzero(table) == 0  # the frame and the last row are zeros
