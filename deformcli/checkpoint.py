@@ -155,6 +155,12 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Load
     ``trust_pickle=True``. Zip members are checked against their CRCs.
     Containers (``state_dict``, ``model``, ``ema``...) are unwrapped and a ``module.`` prefix
     from DataParallel/DDP is stripped; ``notes`` says what was done.
+
+    Example::
+
+        loaded = load_checkpoint("model_final.pth")  # no pickled code runs
+        print(loaded.notes)  # ["unwrapped the weights under 'state_dict'", ...]
+        model.load_state_dict(loaded.state_dict)
     """
     path = Path(path)
     _check_readable(path)
@@ -669,14 +675,11 @@ def _offset_conv_kind(channels: int, kernel_points: int) -> tuple[str, int] | No
 def find_deformable_modules(model: nn.Module) -> list[DeformableLayerInfo]:
     """Deformable layers of a whole (pickled) model, recognised by their classes: foreign ones
     that :func:`deformcli.swap` knows, and deformcli's own."""
-    from deformcli.families._base import DeformableConvBase
-    from deformcli.ops.deform_conv import DeformConv2d
-    from deformcli.surgery import find_replacement
+    from deformcli.surgery import find_replacement, is_deformcli_layer
 
     layers = []
     for name, module in model.named_modules():
-        ours = isinstance(module, (DeformConv2d, DeformableConvBase))
-        if not ours and find_replacement(module) is None:
+        if not is_deformcli_layer(module) and find_replacement(module) is None:
             continue
         weight = module.weight
         layers.append(
@@ -709,6 +712,10 @@ def save_safetensors(
     separate copies (safetensors has no aliasing). ``metadata`` values that are not strings are
     stored as JSON. Replaces an existing regular file only when ``force``, and never writes
     over a path in ``protect`` (the input checkpoint).
+
+    Example::
+
+        save_safetensors(model.state_dict(), "model.safetensors", {"epoch": 12})
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_file

@@ -671,11 +671,11 @@ def export_command(
             checkpoint,
             output,
             model,
-            model_kwargs,
-            parse_shape(input_shape, "--input-shape"),
-            graph,
-            trust_pickle,
-            force,
+            model_kwargs=model_kwargs,
+            input_shape=parse_shape(input_shape, "--input-shape"),
+            graph=graph,
+            trust_pickle=trust_pickle,
+            force=force,
             config=config,
         )
     if as_json:

@@ -25,7 +25,7 @@ from deformcli.checkpoint import (
 )
 from deformcli.families.legacy_dcn import KernelReadWarning
 from deformcli.output_file import check_output
-from deformcli.surgery import SwapRecord, swap
+from deformcli.surgery import SwapRecord, is_deformcli_layer, swap
 from deformcli.user_model import build_network, fit_state_dict, name_layers, user_code
 from deformcli.validation import InputError, check_allocation, parse_dtype
 from deformcli.verify import ModelComparison, check_layer_weights, compare_models, reference_model
@@ -67,8 +67,9 @@ class ConversionResult:
         }
 
 
-def default_output_path(source: Path) -> Path:
-    return source.with_name(f"{source.stem}.deformcli.safetensors")
+def default_output_path(checkpoint: Path) -> Path:
+    """``<name>.deformcli.safetensors`` beside ``checkpoint``."""
+    return checkpoint.with_name(f"{checkpoint.stem}.deformcli.safetensors")
 
 
 def _sample_input(input_shape: tuple[int, ...], input_path: Path | None, dtype) -> Tensor:
@@ -295,11 +296,4 @@ def _tolerance(model: nn.Module) -> float:
 
 
 def _deformcli_layer_paths(model: nn.Module) -> list[str]:
-    from deformcli.families._base import DeformableConvBase
-    from deformcli.ops.deform_conv import DeformConv2d
-
-    return [
-        path
-        for path, module in model.named_modules()
-        if isinstance(module, (DeformConv2d, DeformableConvBase))
-    ]
+    return [path for path, module in model.named_modules() if is_deformcli_layer(module)]

@@ -10,9 +10,8 @@ from torch import nn
 from deformcli.bench import LayerTiming, time_model
 from deformcli.checkpoint import find_deformable_layers, load_checkpoint
 from deformcli.convert import ConversionResult, convert
-from deformcli.errors import CheckpointError
 from deformcli.models.dbnet import build_dbnet
-from deformcli.output_file import writing
+from deformcli.output_file import OutputError, writing
 from deformcli.plot import MatplotlibMissingError, plot_comparison
 from deformcli.user_model import load_model
 
@@ -59,7 +58,7 @@ def run_demo(
     step = step or (lambda _message: None)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"{out_dir}: exists and is not a directory")
+        raise OutputError(f"{out_dir}: exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     step("building the example DBNet with torchvision's DeformConv2d")

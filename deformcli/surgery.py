@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from deformcli.families import basicsr, db, dcn_v2, legacy_dcn, mmcv
+from deformcli.families._base import DeformableConvBase
 from deformcli.ops.deform_conv import DeformConv2d
 
-__all__ = ["SwapRecord", "convert_layer", "find_replacement", "swap"]
+__all__ = ["SwapRecord", "convert_layer", "find_replacement", "is_deformcli_layer", "swap"]
 
 _LEGACY_NAMES = ("DeformConv", "DeformConvPack", "ModulatedDeformConv", "ModulatedDeformConvPack")
 
@@ -51,6 +52,11 @@ class SwapRecord:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "swapped": self.swapped}
+
+
+def is_deformcli_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is one of deformcli's deformable layers (or a subclass of one)."""
+    return isinstance(module, (DeformConv2d, DeformableConvBase))
 
 
 def _qualified_name(cls: type) -> str:
@@ -146,6 +152,13 @@ def swap(model: nn.Module) -> list[SwapRecord]:
     Walks Sequential, ModuleList, ModuleDict and attribute children alike. Returns one record
     per deformable layer found: swapped ones with their new class, and subclasses or layers
     whose parameters do not fit with the reason they were left alone.
+
+    Example::
+
+        model = build_model_with_torchvision_or_mmcv_layers()
+        model.load_state_dict(torch.load("trained_on_cuda.pth", map_location="cpu"))
+        records = deformcli.swap(model)  # the model now runs anywhere torch runs
+        print([record.path for record in records if not record.swapped])  # left alone
     """
     if find_replacement(model) is not None:
         raise ValueError(

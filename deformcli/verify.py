@@ -57,16 +57,16 @@ def _scaled_error(actual: Tensor, expected: Tensor) -> float:
 
 _CONFIGS = {
     "3x3 pad 1": dict(
-        kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, og=1
+        kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, offset_groups=1
     ),
     "3x2 stride 2,1 dilation 2,1": dict(
-        kernel=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=1, og=1
+        kernel=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=1, offset_groups=1
     ),
     "groups 2, offset groups 3": dict(
-        kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2, og=3
+        kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2, offset_groups=3
     ),
     "1x1 groups 4": dict(
-        kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=4, og=1
+        kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=4, offset_groups=1
     ),
 }
 
@@ -119,10 +119,12 @@ def conformance_case_count(devices: list[str] | None = None) -> int:
 def _random_problem(config: dict, with_mask: bool, generator: torch.Generator) -> list:
     batch, channels, out_channels, height, width = 2, 12, 8, 9, 11
     kernel_h, kernel_w = config["kernel"]
-    (sh, sw), (ph, pw), (dh, dw) = config["stride"], config["padding"], config["dilation"]
-    out_h = (height + 2 * ph - dh * (kernel_h - 1) - 1) // sh + 1
-    out_w = (width + 2 * pw - dw * (kernel_w - 1) - 1) // sw + 1
-    points = config["og"] * kernel_h * kernel_w
+    stride_h, stride_w = config["stride"]
+    padding_h, padding_w = config["padding"]
+    dilation_h, dilation_w = config["dilation"]
+    out_h = (height + 2 * padding_h - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
+    out_w = (width + 2 * padding_w - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
+    points = config["offset_groups"] * kernel_h * kernel_w
     offset = torch.randn(batch, 2 * points, out_h, out_w, generator=generator, dtype=torch.float64)
     # Half the offsets integer-valued: exact grid points exercise the one-sided gradients.
     offset[:, ::2] = (offset[:, ::2] * 2).round()

@@ -1,11 +1,13 @@
 """``deformcli demo``: the picture's panels come from the two models."""
 
+import pytest
 import torch
 from PIL import Image
 
 import deformcli.demo
 import deformcli.plot
 from deformcli.models.dbnet import build_dbnet
+from deformcli.output_file import OutputError
 from deformcli.user_model import fit_state_dict
 
 
@@ -44,3 +46,11 @@ def test_without_matplotlib_the_demo_says_how_to_get_the_picture(tmp_path, monke
     report = deformcli.demo.run_demo(tmp_path, size=64, rounds=1)
     assert report.picture is None and "pip install" in report.picture_note
     assert not (tmp_path / "demo.png").exists()
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    with pytest.raises(OutputError, match="taken: exists and is not a directory"):
+        deformcli.demo.run_demo(taken, size=64, rounds=1)
+    assert taken.read_text() == "a file"

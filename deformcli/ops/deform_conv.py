@@ -72,6 +72,19 @@ def deform_conv2d(
 
     Sampling is bilinear; each of the four corners that falls outside the image contributes
     zero. Conv groups and offset groups are independent of each other.
+
+    Example::
+
+        >>> input = torch.rand(4, 3, 10, 10)
+        >>> kh, kw = 3, 3
+        >>> weight = torch.rand(5, 3, kh, kw)
+        >>> # offset and mask should have the same spatial size as the output of the
+        >>> # convolution: here, with no padding, that is (8, 8)
+        >>> offset = torch.rand(4, 2 * kh * kw, 8, 8)
+        >>> mask = torch.rand(4, kh * kw, 8, 8)
+        >>> out = deform_conv2d(input, offset, weight, mask=mask)
+        >>> out.shape
+        torch.Size([4, 5, 8, 8])
     """
     return _deform_conv2d(
         input,

@@ -249,3 +249,12 @@ def test_import_without_torchvision():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "(1, 3, 3, 3)"
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    finder = doctest.DocTestFinder()
+    (test,) = finder.find(deform_conv2d, globs={"torch": torch, "deform_conv2d": deform_conv2d})
+    results = doctest.DocTestRunner().run(test)
+    assert results.attempted == 7 and results.failed == 0
