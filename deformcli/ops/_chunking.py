@@ -12,6 +12,11 @@ _max_column_bytes: list[int] = [4 * 2**20, 512 * 2**20]
 # Chunks hold at least this many output positions so the GEMM stays efficient on narrow images.
 _MIN_CHUNK_POSITIONS = 1024
 
+# Sampling points whose corner rows and weights the CPU kernel computes in one pass: their
+# arithmetic is a few dozen elementwise operations, cheaper over many points at once than
+# chunk by chunk; 2**18 points keep its largest temporaries (four corners each) at 4 MiB.
+_MAX_BLOCK_POINTS = 2**18
+
 # With autograd, each chunk's sampling backward produces an input-sized gradient that is then
 # summed, so training keeps the number of chunks small.
 _MAX_CHUNKS_WITH_INPUT_GRAD = 8
@@ -54,3 +59,11 @@ def chunk_rows(
     if input_needs_grad:
         rows = max(rows, -(-out_h // _MAX_CHUNKS_WITH_INPUT_GRAD))
     return min(out_h, rows)
+
+
+def block_rows(points_per_row: int, rows_per_chunk: int) -> int:
+    """How many output rows (a whole number of chunks) one pass of sampling arithmetic covers."""
+    if torch.jit.is_scripting():
+        return rows_per_chunk
+    chunks = max(1, _MAX_BLOCK_POINTS // max(points_per_row * rows_per_chunk, 1))
+    return chunks * rows_per_chunk

@@ -30,6 +30,18 @@ def test_chunked_columns_match_torchvision(monkeypatch, rows_per_chunk, groups):
     check_chunked_columns(TV, problem, rows_per_chunk * bytes_per_row, monkeypatch)
 
 
+@pytest.mark.parametrize("chunks_per_block", [1, 2])
+def test_sampling_blocks_of_chunks_match_torchvision(monkeypatch, chunks_per_block):
+    # The CPU kernel computes corner rows and weights a block of chunks at a time: blocks of
+    # one chunk and of two (3 rows each, over 2 images of 40 rows: blocks cross images too).
+    problem = make_problem(batch=2, in_channels=12, size=(40, 24), offset_groups=3)
+    points_per_row = 24 * 9 * 3  # W_out * K * offset_groups
+    monkeypatch.setattr(_chunking, "_MAX_BLOCK_POINTS", chunks_per_block * 3 * points_per_row)
+    assert _chunking.block_rows(points_per_row, 3) == chunks_per_block * 3
+    bytes_per_row = 24 * 9 * 12 * problem.input.element_size()
+    check_chunked_columns(TV, problem, 3 * bytes_per_row, monkeypatch)
+
+
 def test_set_max_column_bytes_rejects_non_positive():
     with pytest.raises(ValueError, match="positive"):
         set_max_column_bytes(0)

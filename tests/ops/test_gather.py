@@ -71,9 +71,11 @@ def test_gather_table_rows_are_pixels_of_the_zero_framed_image(offset_groups):
     input = torch.randn(2, 4, 3, 5)
     table = _gather_table(input, offset_groups, torch.float64)
     group_channels = 4 // offset_groups
-    assert table.shape == (2 * 5 * 7 * offset_groups + 1, group_channels)
+    assert table.shape == (2 * 5 * 7 * offset_groups, group_channels)
     assert table.dtype == torch.float64
-    framed = table[:-1].view(2, 5, 7, 4)
+    framed = table.view(2, 5, 7, 4)
     assert torch.equal(framed[:, 1:-1, 1:-1], input.permute(0, 2, 3, 1).double())
+    assert torch.count_nonzero(table[0]) == 0  # outside points read row 0
+    framed = framed.clone()
     framed[:, 1:-1, 1:-1] = 0
-    assert torch.count_nonzero(table) == 0  # the frame and the last row are zeros
+    assert torch.count_nonzero(framed) == 0  # the frame is zeros
