@@ -15,9 +15,10 @@ _MIN_CHUNK_POSITIONS = 1024
 # Sampling points whose corner rows and weights the CPU kernel computes in one pass: their
 # arithmetic is a few dozen elementwise operations, cheaper over many points at once than
 # chunk by chunk (a (1, 128, 80, 80) layer in one pass instead of seven: 15% faster). Their
-# temporaries take about 100 bytes a point: 2**17 points keep the peak memory of a
-# (1, 128, 256, 256) inference forward at 1.25x dense conv2d's (88 vs 70 MiB; 2**18: 107).
-_MAX_BLOCK_POINTS = 2**17
+# temporaries peak at about 100 bytes a point: 2**16 points keep the peak memory of a
+# (1, 128, 256, 256) inference forward at about 1.25x dense conv2d's (88 vs 70 MiB; per
+# chunk 81, 2**17 points 93).
+_MAX_BLOCK_POINTS = 2**16
 
 # Bytes of one band of image rows that the CPU kernel lays out channels-last at a time: it
 # stays in a core's L2 cache (1 MiB on the machines measured) between its two copies.

@@ -331,7 +331,7 @@ def _sampling_points(
         modulation) of the corners, in the order (top left, top right, bottom left, bottom
         right); points outside read row 0 (a zero) with weight zero.
     """
-    rows, out_w, kernel_points, offset_groups, _ = offset.shape
+    rows, out_w, kernel_points, _, _ = offset.shape
     # Integer base first, then the offset: one rounding, as in torchvision's kernel. (The
     # offset leads so the result takes its (R, W_out, K, offset_groups) memory order.)
     row_y = sampling.row_y[start:stop].view(rows, 1, 1, 1)
@@ -350,21 +350,40 @@ def _sampling_points(
     x = torch.where(inside, x, 0)
     top = y.floor()
     left = x.floor()
-    # Top-left corner's table row (the frame shifts pixels by one), then all four corners.
-    framed_w = width + 2
     image_base = sampling.image_base[start:stop].view(rows, 1, 1, 1)
-    top_left = (top.to(image_base.dtype) + 1) * framed_w + left.to(image_base.dtype) + 1
-    top_left = image_base + top_left * offset_groups + sampling.group_index
-    index = torch.where(inside.unsqueeze(-1), top_left.unsqueeze(-1) + sampling.corner_step, 0)
-    # Bilinear weights as (above, below) x (left, right), the modulation folded into the rows:
-    # fewer and smaller temporaries than four separate products.
-    below = y - top
-    right = x - left
+    index = _corner_rows(top, left, inside, image_base, sampling)
     scale = inside.to(y.dtype) if modulation is None else torch.where(inside, modulation, 0)
-    vertical = torch.stack([1 - below, below], dim=-1) * scale.unsqueeze(-1)
-    horizontal = torch.stack([1 - right, right], dim=-1)
-    corner_weight = vertical.unsqueeze(-1) * horizontal.unsqueeze(-2)
-    return index.view(-1, 4), corner_weight.view(-1, 4)
+    return index.view(-1, 4), _corner_weights(y - top, x - left, scale).view(-1, 4)
+
+
+# The two halves of _sampling_points are functions of their own so that their temporaries
+# (a few dozen bytes a point) are freed as each returns.
+
+
+def _corner_rows(
+    top: Tensor, left: Tensor, inside: Tensor, image_base: Tensor, sampling: _SamplingIndex
+) -> Tensor:
+    """``(..., 4)`` table rows of the four corners of points with integer ``top``, ``left``
+    (in image pixels); row 0 (a zero) for points not ``inside``."""
+    offset_groups = sampling.group_index.shape[0]
+    # Top-left corner's table row (the frame shifts pixels by one), then all four corners.
+    # Integers need no gradient: in-place steps keep one temporary alive instead of several.
+    framed_w = sampling.width + 2
+    top_left = top.to(image_base.dtype).add_(1).mul_(framed_w).add_(left.to(image_base.dtype))
+    top_left = top_left.add_(1).mul_(offset_groups).add_(image_base).add_(sampling.group_index)
+    corners = top_left.unsqueeze(-1) + sampling.corner_step
+    return corners.masked_fill_(inside.logical_not().unsqueeze(-1), 0)
+
+
+def _corner_weights(below: Tensor, right: Tensor, scale: Tensor) -> Tensor:
+    """``(..., 4)`` bilinear weights of the four corners times ``scale``, from the fractional
+    parts of a point's coordinates: ``below`` (of y) and ``right`` (of x)."""
+    # The scale is folded into the row weights first: one product fewer over all four
+    # corners. (A broadcast (2,) x (2,) outer product is 5x slower: inner loops of two.)
+    above = (1 - below) * scale
+    below = below * scale
+    leftwards = 1 - right
+    return torch.stack([above * leftwards, above * right, below * leftwards, below * right], -1)
 
 
 def _weighted_row_sums(table: Tensor, index: Tensor, weights: Tensor) -> Tensor:
