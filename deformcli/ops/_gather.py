@@ -61,17 +61,19 @@ def gather_deform_conv2d(
     """:func:`deformcli.deform_conv2d` on checked CPU arguments (TorchScript: without autograd).
 
     Shapes are those of :func:`deformcli.deform_conv2d`; ``geometry`` is the call's checked
-    stride, padding, dilation, groups and output size. Sampling runs in ``sample_dtype`` and
-    the GEMM in ``gemm_dtype``; the result is contiguous ``(N, C_out, H_out, W_out)`` in the
-    input's dtype. ``needs_grad``: whether the call records an autograd graph.
-    ``offset_grad_inside_only`` picks mmcv's offset-gradient convention over torchvision's
-    (see ``deformcli.ops.deform_conv._deform_conv2d``).
+    stride, padding, dilation, groups and output size. Coordinates and weights are computed in
+    ``sample_dtype``; the image is gathered and the GEMM runs in ``gemm_dtype``. The result is
+    contiguous ``(N, C_out, H_out, W_out)`` in the input's dtype. ``needs_grad``: whether the
+    call records an autograd graph. ``offset_grad_inside_only`` picks mmcv's offset-gradient
+    convention over torchvision's (see ``deformcli.ops.deform_conv._deform_conv2d``).
     """
     batch, out_channels = input.shape[0], weight.shape[0]
     kernel_h, kernel_w = weight.shape[2], weight.shape[3]
     kernel_points = kernel_h * kernel_w
 
-    table = _gather_table(input, geometry.offset_groups, sample_dtype)
+    # The table is in the GEMM's dtype: bfloat16 images are gathered as bfloat16, half the
+    # bytes of float32 (2x faster), while their coordinates and weights stay in float32.
+    table = _gather_table(input, geometry.offset_groups, gemm_dtype)
     # torchvision gives no value to a point at or beyond -1 or H (W). Without autograd such a
     # point reads nothing at all. With it, torchvision's convention still differentiates a
     # point at exactly -1 one-sidedly (seeing row or column 0), so that point is sampled,
@@ -198,8 +200,8 @@ def _chunk_product(
     takes it back in thousands of page faults: 15-20% of a layer's time.)
     """
     groups, _, depth = weight_matrix.shape
-    columns = _weighted_row_sums(table, index, weights).view(-1, groups * depth)
-    return _grouped_product(columns.to(weight_matrix.dtype), weight_matrix, kernel_points)
+    columns = _weighted_row_sums(table, index, weights.to(table.dtype))
+    return _grouped_product(columns.view(-1, groups * depth), weight_matrix, kernel_points)
 
 
 def _gather_table(input: Tensor, offset_groups: int, dtype: torch.dtype) -> Tensor:
