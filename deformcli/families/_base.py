@@ -11,6 +11,19 @@ from deformcli.ops._checks import check_layer_groups
 from deformcli.ops.deform_conv import deform_conv2d, deform_conv2d_mmcv_grad
 
 
+def check_offset_channels(
+    offset: Tensor, kernel_size: tuple[int, ...], offset_groups: int, what: str
+) -> None:
+    """Raise RuntimeError (as the families' own ops do) unless a 4-D ``offset`` has
+    ``2 * offset_groups * kH * kW`` channels; the message starts with ``what``, in the words of
+    the caller's family (``deform_groups=2``, ``deformable_groups=2``, a layer)."""
+    expected = 2 * offset_groups * kernel_size[0] * kernel_size[1]
+    if offset.dim() == 4 and offset.shape[1] != expected:
+        raise RuntimeError(
+            f"{what} expects offset with {expected} channels, got offset shape {list(offset.shape)}"
+        )
+
+
 class DeformableConvBase(nn.Module):
     """Base of every family module: parameters named like the original, one call into the op.
 
@@ -108,14 +121,13 @@ class DeformableConvBase(nn.Module):
         x ``(N, C_in, H, W)``; offset ``(N, 2 * offset_groups * kH * kW, H_out, W_out)``; mask
         ``(N, offset_groups * kH * kW, H_out, W_out)`` or None.
         """
-        kernel_points = self.kernel_size[0] * self.kernel_size[1]
-        expected = 2 * self.offset_groups * kernel_points
-        if offset.dim() == 4 and offset.shape[1] != expected:
-            raise RuntimeError(
-                f"{type(self).__name__} with {self.offset_groups} offset group(s) and kernel "
-                f"{self.kernel_size} expects offset with {expected} channels, got offset shape "
-                f"{list(offset.shape)}"
-            )
+        check_offset_channels(
+            offset,
+            self.kernel_size,
+            self.offset_groups,
+            f"{type(self).__name__} with {self.offset_groups} offset group(s) and kernel "
+            f"{self.kernel_size}",
+        )
         op = self.kernel_override
         if op is None:
             op = deform_conv2d if self.torchvision_offset_grad else deform_conv2d_mmcv_grad

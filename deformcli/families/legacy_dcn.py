@@ -30,7 +30,11 @@ import torch
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from deformcli.families._base import DeformableConvBase, split_offset_and_mask
+from deformcli.families._base import (
+    DeformableConvBase,
+    check_offset_channels,
+    split_offset_and_mask,
+)
 from deformcli.ops.deform_conv import deform_conv2d_mmcv_grad
 
 __all__ = [
@@ -61,7 +65,10 @@ def deform_conv(
     im2col_step: int = 64,
 ) -> Tensor:
     """The legacy functional ``deform_conv`` (``im2col_step`` accepted and ignored)."""
-    _check_offset_groups(offset, weight, deformable_groups)
+    if weight.dim() == 4:
+        check_offset_channels(
+            offset, weight.shape[2:], deformable_groups, f"deformable_groups={deformable_groups}"
+        )
     return deform_conv2d_mmcv_grad(
         input, offset, weight, None, _pair(stride), _pair(padding), _pair(dilation)
     )
@@ -84,7 +91,10 @@ def modulated_deform_conv(
     Offset and mask larger than the output are read as the CUDA kernel reads them
     (:func:`kernel_read`).
     """
-    _check_offset_groups(offset, weight, deformable_groups)
+    if weight.dim() == 4:
+        check_offset_channels(
+            offset, weight.shape[2:], deformable_groups, f"deformable_groups={deformable_groups}"
+        )
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     offset, mask = kernel_read(input, offset, mask, weight, stride, padding, dilation)
     return deform_conv2d_mmcv_grad(input, offset, weight, bias, stride, padding, dilation, mask)
@@ -147,16 +157,6 @@ def _read_like_kernel(tensor: Tensor, name: str, out_h: int, out_w: int, layer: 
             "the layer's?"
         )
     return tensor.reshape(batch, held)[:, :needed].reshape(batch, channels, out_h, out_w)
-
-
-def _check_offset_groups(offset: Tensor, weight: Tensor, deformable_groups: int) -> None:
-    if offset.dim() == 4 and weight.dim() == 4:
-        expected = 2 * deformable_groups * weight.shape[2] * weight.shape[3]
-        if offset.shape[1] != expected:
-            raise RuntimeError(
-                f"deformable_groups={deformable_groups} expects offset with {expected} channels, "
-                f"got offset shape {list(offset.shape)}"
-            )
 
 
 class DeformConv(DeformableConvBase):

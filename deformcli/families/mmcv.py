@@ -15,7 +15,11 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from deformcli.families._base import DeformableConvBase, split_offset_and_mask
+from deformcli.families._base import (
+    DeformableConvBase,
+    check_offset_channels,
+    split_offset_and_mask,
+)
 from deformcli.ops.deform_conv import deform_conv2d_mmcv_grad
 
 __all__ = [
@@ -56,7 +60,7 @@ def deform_conv2d(
     if bias:
         raise MmcvArgumentError("mmcv's deform_conv2d has no bias (bias=True is not supported)")
     check_im2col_step(input, im2col_step)
-    _check_groups(input, offset, weight, groups, deform_groups, 2)
+    _check_groups(input, offset, weight, groups, deform_groups)
     return deform_conv2d_mmcv_grad(
         input, offset, weight, None, _pair(stride), _pair(padding), _pair(dilation)
     )
@@ -75,7 +79,7 @@ def modulated_deform_conv2d(
     deform_groups: int = 1,
 ) -> Tensor:
     """mmcv's functional ``modulated_deform_conv2d`` (note: mask before weight)."""
-    _check_groups(input, offset, weight, groups, deform_groups, 2)
+    _check_groups(input, offset, weight, groups, deform_groups)
     return deform_conv2d_mmcv_grad(
         input, offset, weight, bias, _pair(stride), _pair(padding), _pair(dilation), mask
     )
@@ -94,20 +98,17 @@ def check_im2col_step(input: Tensor, im2col_step: int) -> None:
 
 
 def _check_groups(
-    input: Tensor, offset: Tensor, weight: Tensor, groups: int, deform_groups: int, per_point: int
+    input: Tensor, offset: Tensor, weight: Tensor, groups: int, deform_groups: int
 ) -> None:
     if input.dim() == 4 and weight.dim() == 4 and input.shape[1] != weight.shape[1] * groups:
         raise RuntimeError(
             f"groups={groups} does not match input channels {input.shape[1]} and weight shape "
             f"{list(weight.shape)} (expected input channels = weight.shape[1] * groups)"
         )
-    if offset.dim() == 4 and weight.dim() == 4:
-        expected = per_point * deform_groups * weight.shape[2] * weight.shape[3]
-        if offset.shape[1] != expected:
-            raise RuntimeError(
-                f"deform_groups={deform_groups} expects offset with {expected} channels, got "
-                f"offset shape {list(offset.shape)}"
-            )
+    if weight.dim() == 4:
+        check_offset_channels(
+            offset, weight.shape[2:], deform_groups, f"deform_groups={deform_groups}"
+        )
 
 
 def rename_version1_offset_keys(
