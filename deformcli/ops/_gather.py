@@ -130,20 +130,14 @@ def _convolve_rows(
     sampled columns times the weight, in chunks of output rows under the column-memory cap.
 
     ``table`` is :func:`_gather_table`'s, ``offset``, ``modulation`` and ``sampling`` as
-    :func:`_sampling_points` takes them (for all N * H_out rows), ``weight_matrix`` as
-    :func:`_weight_matrix` makes it.
+    :func:`_sampling_points` takes them, ``weight_matrix`` as :func:`_weight_matrix` makes it.
     """
     out_h, out_w = geometry.out_h, geometry.out_w
     total_rows, _, kernel_points, _, _ = offset.shape
     batch = total_rows // out_h
     groups, group_out_channels, depth = weight_matrix.shape
-    rows_per_chunk = chunk_rows(
-        total_rows,
-        out_w,
-        out_w * groups * depth * table.element_size(),
-        input_needs_grad,
-        table.device.type,
-    )
+    row_bytes = out_w * groups * depth * table.element_size()
+    chunk = max(chunk_rows(total_rows, out_w, row_bytes, input_needs_grad, table.device.type), 1)
     # Without autograd, each chunk's (positions, C_out) product is written transposed into the
     # (N, C_out, H_out * W_out) output while it is still in cache, so no second output-sized
     # buffer exists; with autograd, chunks are concatenated and transposed at the end.
@@ -152,17 +146,11 @@ def _convolve_rows(
     )
     out_chunks: list[Tensor] = []
     points_per_row = out_w * kernel_points * sampling.group_index.shape[0]
-    chunk = max(rows_per_chunk, 1)
     rows_per_block = block_rows(points_per_row, chunk)
     # At least one chunk, empty for an empty batch, so the output is connected to autograd.
     for block_start in range(0, max(total_rows, 1), rows_per_block):
         block_stop = min(block_start + rows_per_block, total_rows)
-        block_modulation: Tensor | None = None
-        if modulation is not None:
-            block_modulation = modulation[block_start:block_stop]
-        index, weights = _sampling_points(
-            offset[block_start:block_stop], block_modulation, sampling, block_start, block_stop
-        )
+        index, weights = _sampling_points(offset, modulation, sampling, block_start, block_stop)
         for start in range(block_start, max(block_stop, block_start + 1), chunk):
             stop = min(start + chunk, block_stop)
             first = (start - block_start) * points_per_row
@@ -324,8 +312,8 @@ def _sampling_points(
     ``start:stop`` (of all N * H_out).
 
     Args:
-        offset: ``(R, W_out, K, offset_groups, 2)`` (y, x) displacements of those R rows.
-        modulation: ``(R, W_out, K, offset_groups)`` or None.
+        offset: ``(N * H_out, W_out, K, offset_groups, 2)`` (y, x) displacements of all rows.
+        modulation: ``(N * H_out, W_out, K, offset_groups)`` or None.
         sampling: where the rows read the table (:func:`_gather_table`).
 
     Returns:
@@ -333,6 +321,7 @@ def _sampling_points(
         modulation) of the corners, in the order (top left, top right, bottom left, bottom
         right); points outside read row 0 (a zero) with weight zero.
     """
+    offset = offset[start:stop]
     rows, out_w, kernel_points, _, _ = offset.shape
     # Integer base first, then the offset: one rounding, as in torchvision's kernel. (The
     # offset leads so the result takes its (R, W_out, K, offset_groups) memory order.)
@@ -354,7 +343,10 @@ def _sampling_points(
     left = x.floor()
     image_base = sampling.image_base[start:stop].view(rows, 1, 1, 1)
     index = _corner_rows(top, left, inside, image_base, sampling)
-    scale = inside.to(y.dtype) if modulation is None else torch.where(inside, modulation, 0)
+    if modulation is None:
+        scale = inside.to(y.dtype)
+    else:
+        scale = torch.where(inside, modulation[start:stop], 0)
     return index.view(-1, 4), _corner_weights(y - top, x - left, scale).view(-1, 4)
 
 
