@@ -318,8 +318,9 @@ def _sampling_points(
 
     Returns:
         ``(R * W_out * K * offset_groups, 4)`` table rows and bilinear weights (times the
-        modulation) of the corners, in the order (top left, top right, bottom left, bottom
-        right); points outside read row 0 (a zero) with weight zero.
+        modulation) of the corners of the ``R = stop - start`` rows' points, in the order
+        (top left, top right, bottom left, bottom right); points outside read row 0 (a zero)
+        with weight zero.
     """
     offset = offset[start:stop]
     rows, out_w, kernel_points, _, _ = offset.shape
