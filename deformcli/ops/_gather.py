@@ -79,7 +79,12 @@ def gather_deform_conv2d(
     # point at exactly -1 one-sidedly (seeing row or column 0), so that point is sampled,
     # with weight zero on row 0; mmcv's convention gives it no gradient.
     sampling = _sampling_index(
-        input, geometry, (kernel_h, kernel_w), table, needs_grad and not offset_grad_inside_only
+        input,
+        geometry,
+        (kernel_h, kernel_w),
+        table,
+        sample_dtype,
+        needs_grad and not offset_grad_inside_only,
     )
     # One output row per slice: offsets (N * H_out, W_out, K, offset_groups, 2), mask
     # (N * H_out, W_out, K, offset_groups).
@@ -221,15 +226,18 @@ def _sampling_index(
     geometry: Geometry,
     kernel_size: tuple[int, int],
     table: Tensor,
+    dtype: torch.dtype,
     sample_minus_one: bool,
 ) -> _SamplingIndex:
-    """The call's :class:`_SamplingIndex` for ``input`` laid out as :func:`_gather_table`."""
+    """The call's :class:`_SamplingIndex` for ``input`` laid out as :func:`_gather_table`, its
+    coordinates in ``dtype`` (the sampling dtype, which the table's may not be: a bfloat16
+    table's integers are exact only up to 256)."""
     (stride_h, stride_w), (padding_h, padding_w) = geometry.stride, geometry.padding
     dilation_h, dilation_w = geometry.dilation
     offset_groups, out_h, out_w = geometry.offset_groups, geometry.out_h, geometry.out_w
     batch, _, height, width = input.shape
     kernel_h, kernel_w = kernel_size
-    dtype, device = table.dtype, input.device
+    device = input.device
     index_dtype = _index_dtype(table.shape[0])
     framed_w = width + 2
 

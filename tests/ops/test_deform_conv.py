@@ -192,6 +192,20 @@ def test_half_precisions_against_float64(dtype, tol):
     assert all(t.grad is not None and t.grad.dtype == dtype for t in tensors)
 
 
+@pytest.mark.usefixtures("formulation")
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_half_precisions_beyond_256_pixels(dtype, tol):
+    # Sampling coordinates past 256 are not integers in bfloat16 (8-bit mantissa): they must be
+    # computed in float32 whatever the dtype the image is gathered in.
+    problem = make_problem(in_channels=4, out_channels=4, size=(300, 290), with_mask=True)
+    low = [t.to(dtype) for t in problem.tensors()]
+    with torch.no_grad():
+        out = problem.call(deform_conv2d, low)
+        expected = problem.call(TV, [t.double() for t in low])
+    assert out.dtype == dtype
+    assert_close_scaled(out.double(), expected, tol * problem.weight.shape[1] ** 0.5)
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("name", ["input", "offset", "weight", "bias", "mask"])
 def test_gradient_of_one_tensor(name, groups):
