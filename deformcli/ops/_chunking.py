@@ -24,8 +24,9 @@ _MAX_BLOCK_POINTS = 2**16
 # stays in a core's L2 cache (1 MiB on the machines measured) between its two copies.
 _TABLE_BAND_BYTES = 2**20
 
-# With autograd, each chunk's sampling backward produces an input-sized gradient that is then
-# summed, so training keeps the number of chunks small.
+# With autograd, each chunk's grid_sample backward produces an input-sized gradient that is
+# then summed, so training on that formulation keeps the number of chunks small. (The CPU
+# gather kernel's chunk gradients cover only the image rows each chunk reads.)
 _MAX_CHUNKS_WITH_INPUT_GRAD = 8
 
 
@@ -58,7 +59,8 @@ def _cap_index(device_type: str) -> int:
 def chunk_rows(
     out_h: int, out_w: int, bytes_per_row: int, input_needs_grad: bool, device_type: str
 ) -> int:
-    """How many output rows one chunk may hold under the column-memory cap."""
+    """How many output rows one chunk may hold under the column-memory cap (``input_needs_grad``:
+    at most :data:`_MAX_CHUNKS_WITH_INPUT_GRAD` chunks)."""
     if torch.jit.is_scripting() or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return out_h
     cap = _max_column_bytes[_cap_index(device_type)]

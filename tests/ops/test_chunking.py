@@ -24,7 +24,8 @@ def default_caps(monkeypatch):
 @pytest.mark.parametrize("rows_per_chunk", [1, 3])
 def test_chunked_columns_match_torchvision(monkeypatch, rows_per_chunk, groups):
     # 3 rows per chunk over 2 images of 40 rows: chunk 39:42 crosses from one image to the
-    # next. With grads the op uses at most 8 chunks (here 5 rows each).
+    # next. With grads, grid_sample uses at most 8 chunks (here 5 rows each); the gather
+    # kernel keeps to the cap.
     problem = make_problem(batch=2, in_channels=12, size=(40, 24), groups=groups, offset_groups=3)
     bytes_per_row = 24 * 9 * 12 * problem.input.element_size()  # W_out * K * C_in * 8
     check_chunked_columns(TV, problem, rows_per_chunk * bytes_per_row, monkeypatch)

@@ -8,7 +8,13 @@ import torchvision
 
 import deformcli.ops._gather
 from deformcli import deform_conv2d
-from deformcli.ops._gather import _gather_table
+from deformcli.ops._gather import (
+    _corner_products,
+    _gather_table,
+    _table_band,
+    _weighted_row_scatter,
+    _weighted_row_sums,
+)
 from tests.helpers import (
     assert_close_scaled,
     assert_outputs_and_grads_close,
@@ -79,3 +85,30 @@ def test_gather_table_rows_are_pixels_of_the_zero_framed_image(offset_groups):
     framed = framed.clone()
     framed[:, 1:-1, 1:-1] = 0
     assert torch.count_nonzero(framed) == 0  # the frame is zeros
+
+
+def test_row_scatter_and_corner_products_are_the_row_sums_gradients():
+    # The backward's two kernels against autograd through embedding_bag: the table gradient
+    # (rows read by many corners, by none, and row 0) and the corner weights' gradient.
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(30, 5, dtype=torch.float64, generator=generator).requires_grad_()
+    index = torch.randint(0, 20, (40, 4), generator=generator)
+    index[:5] = 0
+    weights = torch.rand(40, 4, dtype=torch.float64, generator=generator).requires_grad_()
+    values = torch.randn(40, 5, dtype=torch.float64, generator=generator)
+    grad_table, grad_weights = torch.autograd.grad(
+        _weighted_row_sums(table, index, weights), [table, weights], values
+    )
+    scattered = _weighted_row_scatter(index, weights.detach(), values, 30)
+    assert_close_scaled(scattered, grad_table, 1e-12)
+    assert torch.count_nonzero(scattered[20:]) == 0
+    assert_close_scaled(_corner_products(table.detach(), index, values), grad_weights, 1e-12)
+
+
+def test_table_band_starts_at_a_zero_frame_pixel_and_skips_row_zero():
+    # Rows 0 (points outside) are left out; the band starts where a framed image row starts,
+    # whose first pixel is a frame pixel (a zero row standing in for row 0).
+    index = torch.tensor([[0, 0, 0, 0], [23, 24, 30, 31], [45, 46, 52, 53]])
+    assert _table_band(index, 7) == (21, 54)
+    assert _table_band(torch.zeros(3, 4, dtype=torch.long), 7) == (0, 1)
+    assert _table_band(torch.zeros(0, 4, dtype=torch.long), 7) == (0, 1)
