@@ -1,7 +1,8 @@
 """Benchmark deformcli.deform_conv2d against torchvision's kernel and dense conv2d.
 
 Prints Markdown tables (median times over interleaved rounds, ratios from the same run) and the
-peak extra memory of one inference forward on a large layer. Run:
+peak extra memory of one inference forward, and of one forward and backward, on a large layer.
+Run:
 
     python benchmarks/bench_ops.py [--rounds 7] [--device cpu] [--skip-memory] [--compile]
         [--model-batches 1,8]
@@ -69,11 +70,15 @@ def main() -> None:
         print()
 
     if not args.skip_memory and args.device == "cpu":
-        print(f"### peak extra memory of one inference forward, {MEMORY_SHAPE}\n")
-        print("| implementation | peak MiB |")
-        print("|---|---:|")
+        print(f"### peak extra memory, {MEMORY_SHAPE}\n")
+        print("| implementation | inference forward MiB | forward + backward MiB |")
+        print("|---|---:|---:|")
         for name in ("deformcli", "torchvision", "dense"):
-            print(f"| {name} | {_fmt(peak_memory_mib(name, MEMORY_SHAPE, args.dtype), 0)} |")
+            peaks = [
+                _fmt(peak_memory_mib(name, MEMORY_SHAPE, args.dtype, backward), 0)
+                for backward in (False, True)
+            ]
+            print(f"| {name} | {' | '.join(peaks)} |")
 
 
 def _print_header(first_column: str, compiled: bool) -> None:

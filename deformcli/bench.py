@@ -262,7 +262,7 @@ def run_benchmark(
         if memory and device == "cpu":
             dtype_name = str(dtype).removeprefix("torch.")
             timing.peak_mib = {
-                name: peak_memory_mib(name, shape, dtype_name) for name in IMPLEMENTATIONS
+                name: peak_memory_mib(name, shape, dtype_name, backward) for name in IMPLEMENTATIONS
             }
         timings.append(timing)
         if on_step is not None:
@@ -314,18 +314,24 @@ def _model_run(network: torch.nn.Module, image: torch.Tensor, backward: bool) ->
 
 
 def peak_memory_mib(
-    implementation: str, shape: tuple[int, int, int, int], dtype: str = "float32"
+    implementation: str,
+    shape: tuple[int, int, int, int],
+    dtype: str = "float32",
+    backward: bool = False,
 ) -> float | None:
-    """Peak extra resident memory (MiB) of one inference forward, in a fresh subprocess.
+    """Peak extra resident memory (MiB) of one inference forward, or with ``backward`` of one
+    forward and backward, in a fresh subprocess.
 
     Returns None where the platform cannot report it (it needs Linux's ``/proc``).
     """
     code = (
         "import sys, json; from deformcli.bench import _measure_peak_in_this_process as m; "
-        "print(json.dumps(m(sys.argv[1], tuple(map(int, sys.argv[2].split(','))), sys.argv[3])))"
+        "print(json.dumps(m(sys.argv[1], tuple(map(int, sys.argv[2].split(','))), sys.argv[3], "
+        "sys.argv[4] == 'backward')))"
     )
+    mode = "backward" if backward else "forward"
     result = subprocess.run(
-        [sys.executable, "-c", code, implementation, ",".join(map(str, shape)), dtype],
+        [sys.executable, "-c", code, implementation, ",".join(map(str, shape)), dtype, mode],
         capture_output=True,
         text=True,
         check=True,
@@ -334,21 +340,23 @@ def peak_memory_mib(
 
 
 def _measure_peak_in_this_process(
-    implementation: str, shape: tuple[int, int, int, int], dtype: str
+    implementation: str, shape: tuple[int, int, int, int], dtype: str, backward: bool = False
 ) -> float | None:
-    """Peak resident memory (MiB) above the level before one forward, via Linux's VmHWM."""
+    """Peak resident memory (MiB) above the level before one forward (and backward), via
+    Linux's VmHWM."""
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # resets the high-water mark VmHWM to the current resident size
     except OSError:
         return None
-    tensors = make_layer_inputs(shape, getattr(torch, dtype))
+    tensors = make_layer_inputs(shape, getattr(torch, dtype), requires_grad=backward)
     # Warm up on a tiny layer so lazily loaded kernels do not count as the op's memory.
-    layer_callable(implementation, make_layer_inputs((1, 8, 8, 8)), backward=False)()
+    tiny = make_layer_inputs((1, 8, 8, 8), requires_grad=backward)
+    layer_callable(implementation, tiny, backward=backward)()
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
-    layer_callable(implementation, tensors, backward=False)()
+    layer_callable(implementation, tensors, backward=backward)()
     return (_status_kib("VmHWM") - before) / 1024
 
 

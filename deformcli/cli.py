@@ -535,7 +535,8 @@ def bench(
         int, typer.Option("--rounds", min=1, help="Timed rounds (median reported).")
     ] = 7,
     memory: Annotated[
-        bool, typer.Option("--memory", help="Also measure peak memory (CPU, slower).")
+        bool,
+        typer.Option("--memory", help="Also measure peak memory, of the timed pass (CPU, slower)."),
     ] = False,
     plot: Annotated[
         Path | None,

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from deformcli.bench import _quartiles, make_layer_inputs, run_benchmark, time_layer
+from deformcli.bench import (
+    _quartiles,
+    make_layer_inputs,
+    peak_memory_mib,
+    run_benchmark,
+    time_layer,
+)
 from deformcli.validation import InputError
 
 
@@ -26,6 +32,17 @@ def test_run_benchmark_times_each_layer_and_reports_progress():
     assert set(timings[0].peak_mib) == {"deformcli", "torchvision", "dense"}
     assert "peak_mib" in timings[0].to_dict()
     assert "peak_mib" not in run_benchmark([(1, 4, 6, 6)], rounds=1)[0].to_dict()
+
+
+def test_peak_memory_of_a_training_pass_counts_its_gradients():
+    # Forward and backward hold the output, its gradient and the input's: more than the
+    # inference forward's output alone (4 MiB here).
+    shape = (1, 32, 128, 128)
+    inference = peak_memory_mib("dense", shape)
+    training = peak_memory_mib("dense", shape, backward=True)
+    if inference is None:
+        pytest.skip("no /proc to read peak memory from")
+    assert 2 <= inference < training
 
 
 def test_quartiles():
