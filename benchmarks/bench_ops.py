@@ -5,7 +5,7 @@ peak extra memory of one inference forward, and of one forward and backward, on 
 Run:
 
     python benchmarks/bench_ops.py [--rounds 7] [--device cpu] [--skip-memory] [--compile]
-        [--model-batches 1,8]
+        [--model-batches 1,8] [--threads 1] [--forward-only]
 
 ``--compile`` adds ``torch.compile`` of our op to the forward table (and of the whole model to
 the DBNet table); ``--model-batches`` adds the example DBNet at 640x640 for each batch size.
@@ -41,7 +41,11 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--compile", action="store_true", help="add torch.compile (forward)")
     parser.add_argument("--model-batches", default="", help="e.g. 1,8: the whole example DBNet")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
+    parser.add_argument("--forward-only", action="store_true", help="skip forward + backward")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
 
     print(
@@ -50,7 +54,7 @@ def main() -> None:
         f"3x3 DCNv2 (mask), padding 1, median of {args.rounds} rounds\n"
     )
     digits = 1 if args.device == "cpu" else 3
-    for backward in (False, True):
+    for backward in (False,) if args.forward_only else (False, True):
         compiled = args.compile and not backward
         print(f"### {'forward + backward' if backward else 'forward'}\n")
         _print_header("layer (N, C, H, W)", compiled)

@@ -186,7 +186,6 @@ class _GatherConvolution(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
         input: Tensor,
         point_weights: Tensor,
         weight_matrix: Tensor,
@@ -197,21 +196,29 @@ class _GatherConvolution(torch.autograd.Function):
         :func:`_sampling_points` returns them for all N * H_out output rows; ``weight_matrix``
         as :func:`_weight_matrix` makes it."""
         table = _gather_table(input, geometry.offset_groups, weight_matrix.dtype)
-        batch, out_h, out_w = input.shape[0], geometry.out_h, geometry.out_w
+        rows = _ChunkRows.of(input, index, weight_matrix, geometry)
         groups, group_out_channels, _ = weight_matrix.shape
-        points_per_row = index.shape[0] // max(batch * out_h, 1)
-        kernel_points = points_per_row // (out_w * geometry.offset_groups)
-        chunk = _rows_per_chunk(geometry, weight_matrix, batch * out_h, table.element_size())
-        out = weight_matrix.new_empty(batch, groups * group_out_channels, out_h * out_w)
-        for start in range(0, batch * out_h, chunk):
-            first, last = start * points_per_row, (start + chunk) * points_per_row
+        out = weight_matrix.new_empty(
+            input.shape[0], groups * group_out_channels, geometry.out_h * geometry.out_w
+        )
+        for start, first, last in rows.chunks():
             product = _chunk_product(
-                table, index[first:last], point_weights[first:last], weight_matrix, kernel_points
+                table,
+                index[first:last],
+                point_weights[first:last],
+                weight_matrix,
+                rows.kernel_points,
             )
-            _write_transposed(product, out, start, out_h, out_w)
-        ctx.save_for_backward(input, table, point_weights, weight_matrix, index)
-        ctx.geometry, ctx.chunk, ctx.kernel_points = geometry, chunk, kernel_points
+            _write_transposed(product, out, start, geometry.out_h, geometry.out_w)
         return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        # The table is made again in the backward: 1-2% of it, and no image-sized copy is
+        # kept between the passes.
+        input, point_weights, weight_matrix, index, geometry = inputs
+        ctx.save_for_backward(input, point_weights, weight_matrix, index)
+        ctx.geometry = geometry
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -222,16 +229,46 @@ class _GatherConvolution(torch.autograd.Function):
         return (*grads, None, None)
 
 
+class _ChunkRows(NamedTuple):
+    """How :class:`_GatherConvolution` walks the output rows (of all N * H_out) in chunks."""
+
+    total_rows: int
+    rows_per_chunk: int
+    points_per_row: int
+    kernel_points: int
+
+    @staticmethod
+    def of(input: Tensor, index: Tensor, weight_matrix: Tensor, geometry: Geometry) -> "_ChunkRows":
+        total_rows = input.shape[0] * geometry.out_h
+        points_per_row = index.shape[0] // max(total_rows, 1)
+        return _ChunkRows(
+            total_rows,
+            _rows_per_chunk(geometry, weight_matrix, total_rows, weight_matrix.element_size()),
+            points_per_row,
+            points_per_row // (geometry.out_w * geometry.offset_groups),
+        )
+
+    def chunks(self) -> list[tuple[int, int, int]]:
+        """``(first row, first point, last point)`` of each chunk."""
+        return [
+            (
+                start,
+                start * self.points_per_row,
+                (start + self.rows_per_chunk) * self.points_per_row,
+            )
+            for start in range(0, self.total_rows, self.rows_per_chunk)
+        ]
+
+
 def _chunked_grads(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """:class:`_GatherConvolution`'s gradients (image, corner weights, weight matrix), chunk
     by chunk; only the weight matrix's needs the chunk's columns, which are sampled again."""
-    input, table, point_weights, weight_matrix, index = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:3]
-    geometry, kernel_points, chunk = ctx.geometry, ctx.kernel_points, ctx.chunk
+    input, point_weights, weight_matrix, index = ctx.saved_tensors
+    needs, geometry = ctx.needs_input_grad[:3], ctx.geometry
+    table = _gather_table(input, geometry.offset_groups, weight_matrix.dtype)
+    rows = _ChunkRows.of(input, index, weight_matrix, geometry)
     batch, in_channels, height, width = input.shape
-    out_h, out_w = geometry.out_h, geometry.out_w
     groups, _, depth = weight_matrix.shape
-    points_per_row = index.shape[0] // max(batch * out_h, 1)
     # A band starting at the first pixel of a framed image row starts with a zero row.
     band_step = (width + 2) * geometry.offset_groups
     grad_table = torch.zeros_like(table) if needs[0] else None
@@ -239,31 +276,32 @@ def _chunked_grads(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Ten
     grad_matrix = torch.zeros_like(weight_matrix) if needs[2] else None
     if grad_table is None and grad_weights is None and grad_matrix is None:
         return None, None, None
-    for start in range(0, batch * out_h, chunk):
-        first, last = start * points_per_row, (start + chunk) * points_per_row
+    for start, first, last in rows.chunks():
         band_start, band_stop = _table_band(index[first:last], band_step)
         band = table[band_start:band_stop]
         # Points outside read row 0 of the table; the band's row 0 is a zero too.
-        rows = (index[first:last] - band_start).clamp_(min=0)
+        corner_rows = (index[first:last] - band_start).clamp_(min=0)
         weights = point_weights[first:last].to(band.dtype)
-        chunk_grad = _read_transposed(grad, start, out_h, out_w, chunk)
+        chunk_grad = _read_transposed(
+            grad, start, geometry.out_h, geometry.out_w, rows.rows_per_chunk
+        )
         if grad_matrix is not None:
             # The chunk's columns again: keeping them all from the forward would cost K times
             # the image's memory.
-            columns = _weighted_row_sums(band, rows, weights)
+            columns = _weighted_row_sums(band, corner_rows, weights)
             grad_matrix += _grouped_product_matrix_grad(
-                columns.view(-1, groups * depth), chunk_grad, groups, kernel_points
+                columns.view(-1, groups * depth), chunk_grad, groups, rows.kernel_points
             )
         if grad_table is None and grad_weights is None:
             continue
-        grad_columns = _grouped_product_columns_grad(weight_matrix, chunk_grad, kernel_points)
-        grad_columns = grad_columns.view(rows.shape[0], -1)
+        grad_columns = _grouped_product_columns_grad(weight_matrix, chunk_grad, rows.kernel_points)
+        grad_columns = grad_columns.view(corner_rows.shape[0], -1)
         if grad_table is not None:
             grad_table[band_start:band_stop] += _weighted_row_scatter(
-                rows, weights, grad_columns, band_stop - band_start
+                corner_rows, weights, grad_columns, band_stop - band_start
             )
         if grad_weights is not None:
-            grad_weights[first:last] = _corner_products(band, rows, grad_columns)
+            grad_weights[first:last] = _corner_products(band, corner_rows, grad_columns)
     grad_input = None
     if grad_table is not None:
         framed = grad_table.view(batch, height + 2, width + 2, in_channels)
@@ -274,7 +312,7 @@ def _chunked_grads(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Ten
 def _differentiable_grads(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """:class:`_GatherConvolution`'s gradients under ``create_graph=True``: the product again
     through differentiable steps (all points at once), differentiated with a graph."""
-    input, _, point_weights, weight_matrix, index = ctx.saved_tensors
+    input, point_weights, weight_matrix, index = ctx.saved_tensors
     geometry = ctx.geometry
     batch, in_channels, _, _ = input.shape
     framed = F.pad(input.to(weight_matrix.dtype), (1, 1, 1, 1)).permute(0, 2, 3, 1)
@@ -283,7 +321,8 @@ def _differentiable_grads(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | No
     corners = table[index]  # (B, 4, C_in / offset_groups)
     columns = (corners * point_weights.to(table.dtype).unsqueeze(-1)).sum(1)
     groups, _, depth = weight_matrix.shape
-    product = _grouped_product(columns.view(-1, groups * depth), weight_matrix, ctx.kernel_points)
+    kernel_points = _ChunkRows.of(input, index, weight_matrix, geometry).kernel_points
+    product = _grouped_product(columns.view(-1, groups * depth), weight_matrix, kernel_points)
     out = product.view(batch, -1, product.shape[1]).transpose(1, 2)
     needs = ctx.needs_input_grad[:3]
     tensors = (input, point_weights, weight_matrix)

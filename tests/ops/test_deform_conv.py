@@ -230,6 +230,24 @@ def test_gradient_of_one_tensor(name, groups):
     assert_close_scaled(*gradients, 1e-10, name)
 
 
+def test_torch_func_gradients_match_torchvision():
+    # torch.func transforms work on the op (its autograd.Function has setup_context); their
+    # backward runs with a graph, so this also covers the differentiable backward.
+    problem = make_problem(offset_groups=3, groups=2)
+    tensors = [t.detach().clone().requires_grad_() for t in problem.tensors()]
+    out = problem.call(TV, tensors)
+    upstream = torch.randn(out.shape, dtype=torch.float64)
+    expected = torch.autograd.grad((out * upstream).sum(), tensors)
+
+    def loss(*arguments):
+        return (problem.call(deform_conv2d, list(arguments)) * upstream).sum()
+
+    arguments = tuple(t.detach() for t in tensors)
+    grads = torch.func.grad(loss, argnums=tuple(range(len(arguments))))(*arguments)
+    for name, actual, wanted in zip(names_for(problem)[1:], grads, expected, strict=True):
+        assert_close_scaled(actual, wanted, 1e-10, name)
+
+
 def test_torchscript_gradients_match_torchvision():
     # Under TorchScript, gradients come from the grid_sample formulation.
     problem = make_problem(offset_groups=3, groups=2, integer_offsets=True, offset_scale=1.5)
