@@ -91,6 +91,7 @@ def gather_deform_conv2d(
     if mask is not None:
         modulation = _by_output_row(mask.to(sample_dtype), geometry, kernel_points, 1)[..., 0]
     weight_matrix = _weight_matrix(weight, geometry.groups, gemm_dtype)
+    channels_last = is_channels_last(input)
     if needs_grad:
         # All points' corners at once: autograd keeps their arithmetic's tensors anyway.
         index, point_weights = _sampling_points(offset, modulation, sampling, 0, offset.shape[0])
@@ -99,11 +100,36 @@ def gather_deform_conv2d(
         # The table is in the GEMM's dtype: bfloat16 images are gathered as bfloat16, half
         # the bytes of float32 (2x faster), while their coordinates and weights stay float32.
         table = _gather_table(input, geometry.offset_groups, gemm_dtype)
-        out = _convolve_rows(table, offset, modulation, sampling, weight_matrix, geometry)
+        out = _convolve_rows(
+            table, offset, modulation, sampling, weight_matrix, geometry, channels_last
+        )
     if bias is not None:
-        out.add_(bias.to(gemm_dtype).view(1, out_channels, 1))  # in place: no second buffer
+        bias_column = bias.to(gemm_dtype).view(1, out_channels, 1)
+        # In place without autograd: no second output-sized buffer. (With it the output may be
+        # a view the Function made, which autograd cannot modify in place.)
+        out = out + bias_column if needs_grad else out.add_(bias_column)
     out = out.reshape(batch, out_channels, geometry.out_h, geometry.out_w)
+    if channels_last:
+        return out.to(input.dtype).contiguous(memory_format=torch.channels_last)
     return out.to(input.dtype).contiguous()
+
+
+def is_channels_last(input: Tensor) -> bool:
+    """Whether ``input`` ``(N, C, H, W)`` is laid out channels-last (and not also contiguous,
+    as when C or H * W is 1): the op then returns a channels-last output, as torch's
+    convolutions do, and the CPU kernel skips both of its layout changes."""
+    return not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
+
+
+def _new_output(channels_last: bool, weight_matrix: Tensor, batch: int, positions: int) -> Tensor:
+    """An uninitialised ``(N, C_out, positions)`` output in the weight matrix's dtype, laid out
+    ``(N, positions, C_out)`` when ``channels_last``: each position's channels together, as a
+    chunk's product has them, so writing the product is a plain copy."""
+    groups, group_out_channels, _ = weight_matrix.shape
+    out_channels = groups * group_out_channels
+    if channels_last:
+        return weight_matrix.new_empty(batch, positions, out_channels).transpose(1, 2)
+    return weight_matrix.new_empty(batch, out_channels, positions)
 
 
 def _weight_matrix(weight: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
@@ -126,21 +152,22 @@ def _convolve_rows(
     sampling: _SamplingIndex,
     weight_matrix: Tensor,
     geometry: Geometry,
+    channels_last: bool,
 ) -> Tensor:
     """``(N, C_out, H_out * W_out)`` in the weight matrix's dtype, without the bias and without
     autograd: the sampled columns times the weight, in chunks of output rows under the
     column-memory cap.
 
     ``table`` is :func:`_gather_table`'s, ``offset``, ``modulation`` and ``sampling`` as
-    :func:`_sampling_points` takes them, ``weight_matrix`` as :func:`_weight_matrix` makes it.
+    :func:`_sampling_points` takes them, ``weight_matrix`` as :func:`_weight_matrix` makes it;
+    ``channels_last``: the layout of the output (:func:`_new_output`).
     """
     out_h, out_w = geometry.out_h, geometry.out_w
     total_rows, _, kernel_points, offset_groups, _ = offset.shape
     chunk = _rows_per_chunk(geometry, weight_matrix, total_rows, table.element_size())
-    # Each chunk's (positions, C_out) product is written transposed into the output while it
-    # is still in cache, so no second output-sized buffer exists.
-    groups, group_out_channels, _ = weight_matrix.shape
-    out = weight_matrix.new_empty(total_rows // out_h, groups * group_out_channels, out_h * out_w)
+    # Each chunk's (positions, C_out) product is written into the output while it is still in
+    # cache, so no second output-sized buffer exists.
+    out = _new_output(channels_last, weight_matrix, total_rows // out_h, out_h * out_w)
     points_per_row = out_w * kernel_points * offset_groups
     rows_per_block = block_rows(points_per_row, chunk)
     for block_start in range(0, total_rows, rows_per_block):
@@ -151,7 +178,7 @@ def _convolve_rows(
             first = (start - block_start) * points_per_row
             last = (stop - block_start) * points_per_row
             # No name holds a chunk's product or columns into the next chunk (_chunk_product).
-            _write_transposed(
+            _write_positions(
                 _chunk_product(
                     table, index[first:last], weights[first:last], weight_matrix, kernel_points
                 ),
@@ -197,9 +224,8 @@ class _GatherConvolution(torch.autograd.Function):
         as :func:`_weight_matrix` makes it."""
         table = _gather_table(input, geometry.offset_groups, weight_matrix.dtype)
         rows = _ChunkRows.of(input, index, weight_matrix, geometry)
-        groups, group_out_channels, _ = weight_matrix.shape
-        out = weight_matrix.new_empty(
-            input.shape[0], groups * group_out_channels, geometry.out_h * geometry.out_w
+        out = _new_output(
+            is_channels_last(input), weight_matrix, input.shape[0], geometry.out_h * geometry.out_w
         )
         for start, first, last in rows.chunks():
             product = _chunk_product(
@@ -209,7 +235,7 @@ class _GatherConvolution(torch.autograd.Function):
                 weight_matrix,
                 rows.kernel_points,
             )
-            _write_transposed(product, out, start, geometry.out_h, geometry.out_w)
+            _write_positions(product, out, start, geometry.out_h, geometry.out_w)
         return out
 
     @staticmethod
@@ -282,7 +308,7 @@ def _chunked_grads(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Ten
         # Points outside read row 0 of the table; the band's row 0 is a zero too.
         corner_rows = (index[first:last] - band_start).clamp_(min=0)
         weights = point_weights[first:last].to(band.dtype)
-        chunk_grad = _read_transposed(
+        chunk_grad = _read_positions(
             grad, start, geometry.out_h, geometry.out_w, rows.rows_per_chunk
         )
         if grad_matrix is not None:
@@ -305,7 +331,12 @@ def _chunked_grads(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Ten
     grad_input = None
     if grad_table is not None:
         framed = grad_table.view(batch, height + 2, width + 2, in_channels)
-        grad_input = framed[:, 1:-1, 1:-1].permute(0, 3, 1, 2).to(input.dtype).contiguous()
+        grad_input = framed[:, 1:-1, 1:-1].permute(0, 3, 1, 2).to(input.dtype)
+        grad_input = grad_input.contiguous(
+            memory_format=torch.channels_last
+            if is_channels_last(input)
+            else torch.contiguous_format
+        )
     return grad_input, grad_weights, grad_matrix
 
 
@@ -382,6 +413,11 @@ def _gather_table(input: Tensor, offset_groups: int, dtype: torch.dtype) -> Tens
     table = torch.empty(batch, height + 2, width + 2, in_channels, dtype=dtype, device=input.device)
     table[:, 0].zero_()
     table[:, -1].zero_()
+    if is_channels_last(input):  # already channels-last: one copy into the frame
+        table[:, 1:-1, 0].zero_()
+        table[:, 1:-1, -1].zero_()
+        table[:, 1:-1, 1:-1].copy_(input.permute(0, 2, 3, 1))
+        return table.view(-1, in_channels // offset_groups)
     # Band by band, each padded left and right before it is made channels-last: reading
     # channels whose stride is a power of two (a 128 x 128 image) directly is 2-3x slower, the
     # rows colliding in cache; a padded band has an odd stride and stays in cache.
@@ -488,16 +524,17 @@ def _grouped_product_matrix_grad(
     return torch.bmm(grouped_grad, grouped.reshape(groups, -1, depth))
 
 
-def _write_transposed(product: Tensor, out: Tensor, start: int, out_h: int, out_w: int) -> None:
+def _write_positions(product: Tensor, out: Tensor, start: int, out_h: int, out_w: int) -> None:
     """Copy ``product`` ``(positions, C_out)`` of the flattened output rows from ``start`` on
-    (of all N * H_out) into ``out`` ``(N, C_out, H_out * W_out)``."""
+    (of all N * H_out) into ``out`` ``(N, C_out, H_out * W_out)``: a transposing copy, or a
+    plain one into a channels-last output (:func:`_new_output`)."""
     for image, first, last, offset in _image_pieces(start, product.shape[0], out_h, out_w):
         out[image, :, first:last].copy_(product[offset : offset + last - first].t())
 
 
-def _read_transposed(grad: Tensor, start: int, out_h: int, out_w: int, rows: int) -> Tensor:
+def _read_positions(grad: Tensor, start: int, out_h: int, out_w: int, rows: int) -> Tensor:
     """``(positions, C_out)``, contiguous: the flattened output rows ``start:start + rows``
-    of ``grad`` ``(N, C_out, H_out * W_out)``; the inverse of :func:`_write_transposed`."""
+    of ``grad`` ``(N, C_out, H_out * W_out)``; the inverse of :func:`_write_positions`."""
     rows = min(rows, grad.shape[0] * out_h - start)
     pieces = [
         grad[image, :, first:last].t()

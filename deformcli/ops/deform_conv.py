@@ -27,7 +27,7 @@ from torch.nn.modules.utils import _pair
 
 from deformcli.ops._checks import check_deform_conv2d_arguments, check_layer_groups
 from deformcli.ops._chunking import get_max_column_bytes, set_max_column_bytes
-from deformcli.ops._gather import gather_deform_conv2d
+from deformcli.ops._gather import gather_deform_conv2d, is_channels_last
 from deformcli.ops._grid_sample import grid_sample_deform_conv2d
 
 __all__ = [
@@ -171,7 +171,7 @@ def _deform_conv2d(
             offset_grad_inside_only=offset_grad_inside_only,
         )
 
-    return grid_sample_deform_conv2d(
+    out = grid_sample_deform_conv2d(
         input,
         offset,
         weight,
@@ -184,6 +184,11 @@ def _deform_conv2d(
         needs_grad=needs_grad,
         exporting=exporting,
     )
+    if is_channels_last(input) and not exporting:
+        # A channels-last input gets a channels-last output, as from torch's convolutions
+        # (and from the CPU kernel, which writes it so directly).
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def _compute_dtypes(input: Tensor) -> tuple[torch.dtype, torch.dtype]:

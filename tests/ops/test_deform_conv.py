@@ -14,6 +14,7 @@ from tests.helpers import (
     assert_close_scaled,
     assert_outputs_and_grads_close,
     check_against,
+    check_chunked_columns,
     check_gradcheck_and_gradgradcheck,
     forward_and_grads,
     make_problem,
@@ -161,6 +162,26 @@ def test_non_contiguous_inputs():
     )
     with torch.no_grad():
         assert_close_scaled(problem.call(deform_conv2d), expected[0], 1e-10, "inference output")
+
+
+@pytest.mark.usefixtures("formulation")
+@pytest.mark.parametrize("groups", [1, 2])
+def test_channels_last_input_gives_channels_last_output(groups, monkeypatch):
+    # As from torch's convolutions; the CPU kernel then makes neither of its layout changes.
+    problem = make_problem(batch=2, groups=groups, offset_groups=3, size=(9, 7))
+    expected = forward_and_grads(TV, problem)
+    problem.input = problem.input.contiguous(memory_format=torch.channels_last)
+    assert not problem.input.is_contiguous()
+    with torch.no_grad():
+        out = problem.call(deform_conv2d)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_scaled(out, expected[0], 1e-10)
+    actual = forward_and_grads(deform_conv2d, problem)
+    assert actual[0].is_contiguous(memory_format=torch.channels_last)
+    assert_outputs_and_grads_close(problem, actual, expected, 1e-10)
+    # Chunks of 2 output rows: a chunk crosses from one image to the next (9 rows each).
+    bytes_per_row = 7 * 9 * 12 * problem.input.element_size()  # W_out * K * C_in * 8
+    check_chunked_columns(TV, problem, 2 * bytes_per_row, monkeypatch)
 
 
 def test_int_arguments_like_torchvision():
