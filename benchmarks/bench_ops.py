@@ -5,7 +5,7 @@ peak extra memory of one inference forward, and of one forward and backward, on 
 Run:
 
     python benchmarks/bench_ops.py [--rounds 7] [--device cpu] [--skip-memory] [--compile]
-        [--model-batches 1,8] [--threads 1] [--forward-only]
+        [--model-batches 1,8] [--threads 1] [--forward-only] [--channels-last]
 
 ``--compile`` adds ``torch.compile`` of our op to the forward table (and of the whole model to
 the DBNet table); ``--model-batches`` adds the example DBNet at 640x640 for each batch size.
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--model-batches", default="", help="e.g. 1,8: the whole example DBNet")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     parser.add_argument("--forward-only", action="store_true", help="skip forward + backward")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last tensors")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -51,6 +52,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, device {args.device}, {args.dtype}, "
+        f"{'channels-last, ' if args.channels_last else ''}"
         f"3x3 DCNv2 (mask), padding 1, median of {args.rounds} rounds\n"
     )
     digits = 1 if args.device == "cpu" else 3
@@ -60,7 +62,13 @@ def main() -> None:
         _print_header("layer (N, C, H, W)", compiled)
         for shape in DBNET_LAYER_SHAPES:
             timing = time_layer(
-                shape, dtype, args.device, backward=backward, rounds=args.rounds, compiled=compiled
+                shape,
+                dtype,
+                args.device,
+                backward=backward,
+                rounds=args.rounds,
+                compiled=compiled,
+                channels_last=args.channels_last,
             )
             _print_row(timing, compiled, digits)
         print()
@@ -68,7 +76,12 @@ def main() -> None:
         print(f"### example DBNet forward, batch {batch}, 640x640\n")
         _print_header("input (N, C, H, W)", args.compile)
         timing = time_model(
-            dtype, args.device, rounds=args.rounds, batch=batch, compiled=args.compile
+            dtype,
+            args.device,
+            rounds=args.rounds,
+            batch=batch,
+            compiled=args.compile,
+            channels_last=args.channels_last,
         )
         _print_row(timing, args.compile, digits)
         print()

@@ -50,6 +50,8 @@ class LayerTiming:
     spread_ms: dict[str, list[float]] = field(default_factory=dict)
     #: Per implementation, peak extra MiB of one inference forward, when measured.
     peak_mib: dict[str, float | None] | None = None
+    #: Whether the tensors (and models) were laid out channels-last.
+    channels_last: bool = False
 
     @property
     def speedup_vs_torchvision(self) -> float | None:
@@ -76,8 +78,10 @@ def make_layer_inputs(
     device: str = "cpu",
     requires_grad: bool = False,
     seed: int = 0,
+    channels_last: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Input, offset, mask and weight of a DBNet-style 3x3 DCNv2 layer (C_in = C_out).
+    """Input, offset, mask and weight of a DBNet-style 3x3 DCNv2 layer (C_in = C_out), laid
+    out channels-last when ``channels_last``.
 
     Raises InputError when the shape is not four positive sizes or its tensors (the input, or
     the ``(C, C, 3, 3)`` weight) would not fit in memory.
@@ -93,8 +97,9 @@ def make_layer_inputs(
         "weight": torch.randn(channels, channels, 3, 3, generator=generator)
         / (9 * channels) ** 0.5,
     }
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     return {
-        name: t.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+        name: t.to(device=device, dtype=dtype, memory_format=layout).requires_grad_(requires_grad)
         for name, t in tensors.items()
     }
 
@@ -194,6 +199,7 @@ def _timing(
     backward: bool,
     rounds: int,
     times: dict[str, list[float]],
+    channels_last: bool,
 ) -> LayerTiming:
     medians = {name: statistics.median(values) for name, values in times.items()}
     return LayerTiming(
@@ -207,6 +213,7 @@ def _timing(
         dense_ms=medians["dense"],
         compiled_ms=medians.get("deformcli-compiled"),
         spread_ms={name: _quartiles(values) for name, values in times.items()},
+        channels_last=channels_last,
     )
 
 
@@ -225,10 +232,14 @@ def time_layer(
     rounds: int = 7,
     warmup: int = 2,
     compiled: bool = False,
+    channels_last: bool = False,
 ) -> LayerTiming:
     """Median time of deformcli, torchvision and dense conv2d on one layer, interleaved; with
-    ``compiled``, also ``torch.compile`` of deformcli's op (compiled during warm-up)."""
-    tensors = make_layer_inputs(shape, dtype, device, requires_grad=backward)
+    ``compiled``, also ``torch.compile`` of deformcli's op (compiled during warm-up); with
+    ``channels_last``, on channels-last tensors."""
+    tensors = make_layer_inputs(
+        shape, dtype, device, requires_grad=backward, channels_last=channels_last
+    )
     names = [n for n in IMPLEMENTATIONS if n != "torchvision" or torchvision_available()]
     if compiled:
         names.append("deformcli-compiled")
@@ -236,7 +247,7 @@ def time_layer(
     if "torchvision" in runs and not _runs(runs["torchvision"]):
         del runs["torchvision"]  # e.g. its CPU kernel has no bfloat16: reported as n/a
     times = _interleaved_times(runs, device, rounds, warmup)
-    return _timing(shape, dtype, device, backward, rounds, times)
+    return _timing(shape, dtype, device, backward, rounds, times, channels_last)
 
 
 def run_benchmark(
@@ -247,18 +258,24 @@ def run_benchmark(
     rounds: int = 7,
     memory: bool = False,
     on_step: Callable[[], None] | None = None,
+    channels_last: bool = False,
 ) -> list[LayerTiming]:
     """Time each layer of ``shapes`` (:func:`time_layer`), or the example DBNet when ``shapes``
-    is None (:func:`time_model`). ``memory``: also the peak memory of each layer's inference
-    forward (CPU only). ``on_step`` is called after each timing (progress)."""
+    is None (:func:`time_model`). ``memory``: also the peak memory of each layer's timed pass
+    (CPU only). ``on_step`` is called after each timing (progress). ``channels_last``: the
+    tensors and models laid out channels-last."""
     if shapes is None:
-        timings = [time_model(dtype, device, backward=backward, rounds=rounds)]
+        timings = [
+            time_model(dtype, device, backward=backward, rounds=rounds, channels_last=channels_last)
+        ]
         if on_step is not None:
             on_step()
         return timings
     timings = []
     for shape in shapes:
-        timing = time_layer(shape, dtype, device, backward=backward, rounds=rounds)
+        timing = time_layer(
+            shape, dtype, device, backward=backward, rounds=rounds, channels_last=channels_last
+        )
         if memory and device == "cpu":
             dtype_name = str(dtype).removeprefix("torch.")
             timing.peak_mib = {
@@ -279,27 +296,32 @@ def time_model(
     size: int = 640,
     batch: int = 1,
     compiled: bool = False,
+    channels_last: bool = False,
 ) -> LayerTiming:
     """The example DBNet on ``(batch, 3, size, size)``: with our layers, torchvision's, and
     dense convolutions in their place (the speed floor); with ``compiled``, also
-    ``torch.compile`` of the model with our layers (compiled during warm-up)."""
+    ``torch.compile`` of the model with our layers (compiled during warm-up); with
+    ``channels_last``, the models and the image channels-last."""
     from deformcli.models.dbnet import build_dbnet
 
     names = [n for n in IMPLEMENTATIONS if n != "torchvision" or torchvision_available()]
     generator = torch.Generator().manual_seed(0)
-    image = torch.randn(batch, 3, size, size, generator=generator).to(device=device, dtype=dtype)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    image = torch.randn(batch, 3, size, size, generator=generator)
+    image = image.to(device=device, dtype=dtype, memory_format=layout)
     if compiled:
         names.append("deformcli-compiled")
     runs = {}
     for name in names:
-        network = build_dbnet(name.removesuffix("-compiled")).to(device=device, dtype=dtype)
+        network = build_dbnet(name.removesuffix("-compiled"))
+        network = network.to(device=device, dtype=dtype, memory_format=layout)
         if backward:
             network.train()
         if name == "deformcli-compiled":
             network = torch.compile(network)
         runs[name] = _model_run(network, image, backward)
     times = _interleaved_times(runs, device, rounds, max(warmup, 2 if compiled else 0))
-    return _timing((batch, 3, size, size), dtype, device, backward, rounds, times)
+    return _timing((batch, 3, size, size), dtype, device, backward, rounds, times, channels_last)
 
 
 def _model_run(network: torch.nn.Module, image: torch.Tensor, backward: bool) -> Callable[[], None]:

@@ -531,6 +531,10 @@ def bench(
         str, typer.Option("--dtype", help="float32, float16, bfloat16, float64.")
     ] = "float32",
     backward: Annotated[bool, typer.Option("--backward", help="Time forward + backward.")] = False,
+    channels_last: Annotated[
+        bool,
+        typer.Option("--channels-last", help="Lay tensors (and the model) out channels-last."),
+    ] = False,
     rounds: Annotated[
         int, typer.Option("--rounds", min=1, help="Timed rounds (median reported).")
     ] = 7,
@@ -560,11 +564,19 @@ def bench(
     shapes = _bench_shapes(preset, shape)
     with _progress(not as_json, "bench", len(shapes) if shapes else 1) as advance:
         timings = benchmarks.run_benchmark(
-            shapes, torch_dtype, device, backward, rounds, memory, on_step=advance
+            shapes,
+            torch_dtype,
+            device,
+            backward,
+            rounds,
+            memory,
+            on_step=advance,
+            channels_last=channels_last,
         )
     rows = [timing.to_dict() for timing in timings]
     title = (
-        f"median ms over {rounds} rounds, {device}, {dtype}, "
+        f"median ms over {rounds} rounds, {device}, {dtype}"
+        f"{', channels-last' if channels_last else ''}, "
         f"{'forward+backward' if backward else 'forward'}"
     )
     if plot is not None:

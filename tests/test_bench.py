@@ -3,12 +3,14 @@
 import pytest
 import torch
 
+import deformcli.bench
 from deformcli.bench import (
     _quartiles,
     make_layer_inputs,
     peak_memory_mib,
     run_benchmark,
     time_layer,
+    time_model,
 )
 from deformcli.validation import InputError
 
@@ -43,6 +45,28 @@ def test_peak_memory_of_a_training_pass_counts_its_gradients():
     if inference is None:
         pytest.skip("no /proc to read peak memory from")
     assert 2 <= inference < training
+
+
+def test_channels_last_layers_and_model(monkeypatch):
+    tensors = make_layer_inputs((1, 8, 5, 7), channels_last=True)
+    assert all(
+        t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+        for t in tensors.values()
+    )
+    assert time_layer((1, 8, 5, 7), rounds=1, channels_last=True).channels_last
+    # The model and its image go channels-last too: every convolution of ours and of the dense
+    # model sees it so. (torchvision's op returns contiguous outputs, whatever its input.)
+    monkeypatch.setattr(deformcli.bench, "torchvision_available", lambda: False)
+    seen = []
+    conv2d = torch.nn.functional.conv2d
+
+    def recording_conv2d(input, *args, **kwargs):
+        seen.append(input.is_contiguous(memory_format=torch.channels_last))
+        return conv2d(input, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", recording_conv2d)
+    timing = time_model(rounds=1, warmup=0, size=64, channels_last=True)
+    assert timing.channels_last and seen and all(seen)
 
 
 def test_quartiles():

@@ -264,6 +264,9 @@ def test_bench_layer_json():
     assert _ok(runner.invoke(app, ["bench", "--preset", "nope"]), 2).output.startswith(
         "error: --preset"
     )
+    assert rows[0]["channels_last"] is False
+    args = ["bench", "--shape", "1,8,16,16", "--rounds", "1", "--channels-last", "--json"]
+    assert json.loads(_ok(runner.invoke(app, args)).output)[0]["channels_last"] is True
 
 
 def test_demo(tmp_path):
