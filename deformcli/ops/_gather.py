@@ -65,7 +65,8 @@ def gather_deform_conv2d(
     Shapes are those of :func:`deformcli.deform_conv2d`; ``geometry`` is the call's checked
     stride, padding, dilation, groups and output size. Coordinates and weights are computed in
     ``sample_dtype``; the image is gathered and the GEMM runs in ``gemm_dtype``. The result is
-    contiguous ``(N, C_out, H_out, W_out)`` in the input's dtype. ``needs_grad``: whether the
+    ``(N, C_out, H_out, W_out)`` in the input's dtype, laid out as :func:`is_channels_last`
+    says. ``needs_grad``: whether the
     call records an autograd graph. ``offset_grad_inside_only`` picks mmcv's offset-gradient
     convention over torchvision's (see ``deformcli.ops.deform_conv._deform_conv2d``).
     """

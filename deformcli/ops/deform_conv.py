@@ -68,7 +68,9 @@ def deform_conv2d(
 
     Returns:
         ``(N, C_out, H_out, W_out)`` with
-        ``H_out = (H + 2 * padding_h - dilation_h * (kH - 1) - 1) // stride_h + 1`` (same for W).
+        ``H_out = (H + 2 * padding_h - dilation_h * (kH - 1) - 1) // stride_h + 1`` (same for W),
+        channels-last for a channels-last ``input`` (as from torch's convolutions; on CPU the
+        faster layout), contiguous otherwise.
 
     Sampling is bilinear; each of the four corners that falls outside the image contributes
     zero. Conv groups and offset groups are independent of each other.
