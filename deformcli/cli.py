@@ -516,36 +516,43 @@ def _progress(enabled: bool, label: str, total: int) -> Iterator:
 # ------------------------------------------------------------------------------------ bench
 
 
+PresetOption = Annotated[
+    str, typer.Option("--preset", help="dbnet-layers (four DBNet layers) or dbnet (whole model).")
+]
+LayerShapeOption = Annotated[
+    str | None, typer.Option("--shape", help="One layer N,C,H,W instead of a preset.")
+]
+BenchDtypeOption = Annotated[
+    str, typer.Option("--dtype", help="float32, float16, bfloat16, float64.")
+]
+ChannelsLastFlag = Annotated[
+    bool, typer.Option("--channels-last", help="Lay tensors (and the model) out channels-last.")
+]
+RoundsOption = Annotated[
+    int, typer.Option("--rounds", min=1, help="Timed rounds (median reported).")
+]
+MemoryFlag = Annotated[
+    bool,
+    typer.Option("--memory", help="Also measure peak memory, of the timed pass (CPU, slower)."),
+]
+PlotOption = Annotated[
+    Path | None,
+    typer.Option("--plot", help="Also draw the table as a bar chart (PNG; needs matplotlib)."),
+]
+
+
 @app.command()
 @_command
 def bench(
-    preset: Annotated[
-        str,
-        typer.Option("--preset", help="dbnet-layers (four DBNet layers) or dbnet (whole model)."),
-    ] = "dbnet-layers",
-    shape: Annotated[
-        str | None, typer.Option("--shape", help="One layer N,C,H,W instead of a preset.")
-    ] = None,
+    preset: PresetOption = "dbnet-layers",
+    shape: LayerShapeOption = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, mps...")] = "cpu",
-    dtype: Annotated[
-        str, typer.Option("--dtype", help="float32, float16, bfloat16, float64.")
-    ] = "float32",
+    dtype: BenchDtypeOption = "float32",
     backward: Annotated[bool, typer.Option("--backward", help="Time forward + backward.")] = False,
-    channels_last: Annotated[
-        bool,
-        typer.Option("--channels-last", help="Lay tensors (and the model) out channels-last."),
-    ] = False,
-    rounds: Annotated[
-        int, typer.Option("--rounds", min=1, help="Timed rounds (median reported).")
-    ] = 7,
-    memory: Annotated[
-        bool,
-        typer.Option("--memory", help="Also measure peak memory, of the timed pass (CPU, slower)."),
-    ] = False,
-    plot: Annotated[
-        Path | None,
-        typer.Option("--plot", help="Also draw the table as a bar chart (PNG; needs matplotlib)."),
-    ] = None,
+    channels_last: ChannelsLastFlag = False,
+    rounds: RoundsOption = 7,
+    memory: MemoryFlag = False,
+    plot: PlotOption = None,
     force: ForceFlag = False,
     as_json: JsonFlag = False,
 ) -> None:

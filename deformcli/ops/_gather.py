@@ -34,6 +34,11 @@ class _SamplingIndex(NamedTuple):
     table rows of the four corners relative to the top-left one; ``group_index``:
     ``(offset_groups,)`` 0, 1, ...; ``height``, ``width``: the image's size;
     ``sample_minus_one``: sample points at exactly -1 too (they have zero value either way).
+
+    torchvision gives no value to a point at or beyond -1 or H (W). Without autograd such a
+    point reads nothing at all. With it, torchvision's convention still differentiates a point
+    at exactly -1 one-sidedly (seeing row or column 0), so that point is sampled, with weight
+    zero on row 0; mmcv's convention gives it no gradient.
     """
 
     image_base: Tensor
@@ -79,11 +84,7 @@ def gather_deform_conv2d(
         geometry,
         (kernel_h, kernel_w),
         sample_dtype,
-        # torchvision gives no value to a point at or beyond -1 or H (W). Without autograd such
-        # a point reads nothing at all. With it, torchvision's convention still differentiates
-        # a point at exactly -1 one-sidedly (seeing row or column 0), so that point is
-        # sampled, with weight zero on row 0; mmcv's convention gives it no gradient.
-        needs_grad and not offset_grad_inside_only,
+        sample_minus_one=needs_grad and not offset_grad_inside_only,
     )
     # One output row per slice: offsets (N * H_out, W_out, K, offset_groups, 2), mask
     # (N * H_out, W_out, K, offset_groups).
@@ -105,14 +106,19 @@ def gather_deform_conv2d(
             table, offset, modulation, sampling, weight_matrix, geometry, channels_last
         )
     if bias is not None:
-        bias_column = bias.to(gemm_dtype).view(1, out_channels, 1)
-        # In place without autograd: no second output-sized buffer. (With it the output may be
-        # a view the Function made, which autograd cannot modify in place.)
-        out = out + bias_column if needs_grad else out.add_(bias_column)
+        out = _with_bias(out, bias, in_place=not needs_grad)
     out = out.reshape(batch, out_channels, geometry.out_h, geometry.out_w)
     if channels_last:
         return out.to(input.dtype).contiguous(memory_format=torch.channels_last)
     return out.to(input.dtype).contiguous()
+
+
+def _with_bias(out: Tensor, bias: Tensor, in_place: bool) -> Tensor:
+    """``out`` ``(N, C_out, positions)`` plus ``bias`` ``(C_out,)``, in ``out``'s dtype."""
+    # In place without autograd: no second output-sized buffer. (With it the output may be a
+    # view the Function made, which autograd cannot modify in place.)
+    bias_column = bias.to(out.dtype).view(1, -1, 1)
+    return out.add_(bias_column) if in_place else out + bias_column
 
 
 def is_channels_last(input: Tensor) -> bool:
