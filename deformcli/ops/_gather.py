@@ -30,8 +30,7 @@ class _SamplingIndex(NamedTuple):
 
     ``image_base``: ``(N * H_out,)`` first table row of each output row's image; ``row_y``:
     ``(N * H_out,)`` top sampling row; ``col_x``: ``(W_out,)`` left sampling column;
-    ``kernel_y``, ``kernel_x``: ``(K,)`` kernel point displacements; ``corner_step``: ``(4,)``
-    table rows of the four corners relative to the top-left one; ``group_index``:
+    ``kernel_y``, ``kernel_x``: ``(K,)`` kernel point displacements; ``group_index``:
     ``(offset_groups,)`` 0, 1, ...; ``height``, ``width``: the image's size;
     ``sample_minus_one``: sample points at exactly -1 too (they have zero value either way).
 
@@ -46,7 +45,6 @@ class _SamplingIndex(NamedTuple):
     col_x: Tensor
     kernel_y: Tensor
     kernel_x: Tensor
-    corner_step: Tensor
     group_index: Tensor
     height: int
     width: int
@@ -463,8 +461,6 @@ def _sampling_index(
         col_x=(torch.arange(out_w, device=device) * stride_w - padding_w).to(dtype),
         kernel_y=(kernel_index // kernel_w * dilation_h).to(dtype),
         kernel_x=(kernel_index % kernel_w * dilation_w).to(dtype),
-        corner_step=torch.tensor([0, 1, framed_w, framed_w + 1], dtype=index_dtype, device=device)
-        * offset_groups,
         group_index=torch.arange(offset_groups, dtype=index_dtype, device=device),
         height=height,
         width=width,
@@ -638,8 +634,13 @@ def _corner_rows(
     framed_w = sampling.width + 2
     top_left = top.to(image_base.dtype).add_(1).mul_(framed_w).add_(left.to(image_base.dtype))
     top_left = top_left.add_(1).mul_(offset_groups).add_(image_base).add_(sampling.group_index)
-    corners = top_left.unsqueeze(-1) + sampling.corner_step
-    return corners.masked_fill_(inside.logical_not().unsqueeze(-1), 0)
+    # Outside, the top-left row and both steps are 0. (Four corners as four plain tensors
+    # stacked: adding a (4,) step to a (..., 1) broadcast, then masking, is 3-4x slower.)
+    inside_rows = inside.to(top_left.dtype)
+    top_left.mul_(inside_rows)
+    right = inside_rows * offset_groups
+    below = top_left + inside_rows * (framed_w * offset_groups)
+    return torch.stack([top_left, top_left + right, below, below + right], -1)
 
 
 def _corner_weights(below: Tensor, right: Tensor, scale: Tensor) -> Tensor:
