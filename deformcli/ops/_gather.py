@@ -233,14 +233,20 @@ class _GatherConvolution(torch.autograd.Function):
             is_channels_last(input), weight_matrix, input.shape[0], geometry.out_h * geometry.out_w
         )
         for start, first, last in rows.chunks():
-            product = _chunk_product(
-                table,
-                index[first:last],
-                point_weights[first:last],
-                weight_matrix,
-                rows.kernel_points,
+            # As in _convolve_rows, no name holds a chunk's product into the next chunk.
+            _write_positions(
+                _chunk_product(
+                    table,
+                    index[first:last],
+                    point_weights[first:last],
+                    weight_matrix,
+                    rows.kernel_points,
+                ),
+                out,
+                start,
+                geometry.out_h,
+                geometry.out_w,
             )
-            _write_positions(product, out, start, geometry.out_h, geometry.out_w)
         return out
 
     @staticmethod
@@ -319,9 +325,11 @@ def _chunked_grads(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Ten
         if grad_matrix is not None:
             # The chunk's columns again: keeping them all from the forward would cost K times
             # the image's memory.
-            columns = _weighted_row_sums(band, corner_rows, weights)
             grad_matrix += _grouped_product_matrix_grad(
-                columns.view(-1, groups * depth), chunk_grad, groups, rows.kernel_points
+                _weighted_row_sums(band, corner_rows, weights).view(-1, groups * depth),
+                chunk_grad,
+                groups,
+                rows.kernel_points,
             )
         if grad_table is None and grad_weights is None:
             continue
@@ -333,6 +341,7 @@ def _chunked_grads(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Ten
             )
         if grad_weights is not None:
             grad_weights[first:last] = _corner_products(band, corner_rows, grad_columns)
+        del grad_columns  # before the next chunk's are made (see _chunk_product)
     grad_input = None
     if grad_table is not None:
         framed = grad_table.view(batch, height + 2, width + 2, in_channels)
