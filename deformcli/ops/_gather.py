@@ -68,10 +68,10 @@ def gather_deform_conv2d(
     Shapes are those of :func:`deformcli.deform_conv2d`; ``geometry`` is the call's checked
     stride, padding, dilation, groups and output size. Coordinates and weights are computed in
     ``sample_dtype``; the image is gathered and the GEMM runs in ``gemm_dtype``. The result is
-    ``(N, C_out, H_out, W_out)`` in the input's dtype, laid out as :func:`is_channels_last`
-    says. ``needs_grad``: whether the
-    call records an autograd graph. ``offset_grad_inside_only`` picks mmcv's offset-gradient
-    convention over torchvision's (see ``deformcli.ops.deform_conv._deform_conv2d``).
+    ``(N, C_out, H_out, W_out)`` in the input's dtype and layout (:func:`is_channels_last`).
+    ``needs_grad``: whether the call records an autograd graph. ``offset_grad_inside_only``
+    picks mmcv's offset-gradient convention over torchvision's (see
+    ``deformcli.ops.deform_conv._deform_conv2d``).
     """
     batch, out_channels = input.shape[0], weight.shape[0]
     kernel_h, kernel_w = weight.shape[2], weight.shape[3]
@@ -105,10 +105,8 @@ def gather_deform_conv2d(
         )
     if bias is not None:
         out = _with_bias(out, bias, in_place=not needs_grad)
-    out = out.reshape(batch, out_channels, geometry.out_h, geometry.out_w)
-    if channels_last:
-        return out.to(input.dtype).contiguous(memory_format=torch.channels_last)
-    return out.to(input.dtype).contiguous()
+    # Already in the input's layout (:func:`_new_output`), which the dispatcher asks for.
+    return out.reshape(batch, out_channels, geometry.out_h, geometry.out_w).to(input.dtype)
 
 
 def _with_bias(out: Tensor, bias: Tensor, in_place: bool) -> Tensor:
@@ -170,29 +168,48 @@ def _convolve_rows(
     out_h, out_w = geometry.out_h, geometry.out_w
     total_rows, _, kernel_points, offset_groups, _ = offset.shape
     chunk = _rows_per_chunk(geometry, weight_matrix, total_rows, table.element_size())
-    # Each chunk's (positions, C_out) product is written into the output while it is still in
-    # cache, so no second output-sized buffer exists.
     out = _new_output(channels_last, weight_matrix, total_rows // out_h, out_h * out_w)
-    points_per_row = out_w * kernel_points * offset_groups
-    rows_per_block = block_rows(points_per_row, chunk)
+    rows_per_block = block_rows(out_w * kernel_points * offset_groups, chunk)
     for block_start in range(0, total_rows, rows_per_block):
         block_stop = min(block_start + rows_per_block, total_rows)
         index, weights = _sampling_points(offset, modulation, sampling, block_start, block_stop)
-        for start in range(block_start, block_stop, chunk):
-            stop = min(start + chunk, block_stop)
-            first = (start - block_start) * points_per_row
-            last = (stop - block_start) * points_per_row
-            # No name holds a chunk's product or columns into the next chunk (_chunk_product).
-            _write_positions(
-                _chunk_product(
-                    table, index[first:last], weights[first:last], weight_matrix, kernel_points
-                ),
-                out,
-                start,
-                out_h,
-                out_w,
-            )
+        _convolve_block(table, index, weights, weight_matrix, out, block_start, chunk, geometry)
     return out
+
+
+def _convolve_block(
+    table: Tensor,
+    index: Tensor,
+    weights: Tensor,
+    weight_matrix: Tensor,
+    out: Tensor,
+    block_start: int,
+    rows_per_chunk: int,
+    geometry: Geometry,
+) -> None:
+    """Write the products of a block of output rows from ``block_start`` on (of all N *
+    H_out), whose corner rows and weights ``index``, ``weights`` ``(P, 4)`` are, into ``out``
+    (:func:`_new_output`), ``rows_per_chunk`` rows at a time."""
+    out_w, offset_groups = geometry.out_w, geometry.offset_groups
+    groups, _, depth = weight_matrix.shape
+    kernel_points = depth * groups // (table.shape[1] * offset_groups)  # depth = K * C_in / groups
+    points_per_row = out_w * kernel_points * offset_groups
+    block_stop = block_start + index.shape[0] // max(points_per_row, 1)
+    for start in range(block_start, block_stop, rows_per_chunk):
+        first = (start - block_start) * points_per_row
+        last = (min(start + rows_per_chunk, block_stop) - block_start) * points_per_row
+        # Each chunk's (positions, C_out) product is written into the output while it is still
+        # in cache, so no second output-sized buffer exists; no name holds a chunk's product
+        # or columns into the next chunk (_chunk_product).
+        _write_positions(
+            _chunk_product(
+                table, index[first:last], weights[first:last], weight_matrix, kernel_points
+            ),
+            out,
+            start,
+            geometry.out_h,
+            out_w,
+        )
 
 
 @torch.jit.unused  # TorchScript compiles no autograd.Function; with autograd it never gets here
@@ -232,21 +249,10 @@ class _GatherConvolution(torch.autograd.Function):
         out = _new_output(
             is_channels_last(input), weight_matrix, input.shape[0], geometry.out_h * geometry.out_w
         )
-        for start, first, last in rows.chunks():
-            # As in _convolve_rows, no name holds a chunk's product into the next chunk.
-            _write_positions(
-                _chunk_product(
-                    table,
-                    index[first:last],
-                    point_weights[first:last],
-                    weight_matrix,
-                    rows.kernel_points,
-                ),
-                out,
-                start,
-                geometry.out_h,
-                geometry.out_w,
-            )
+        # All output rows are one block: their corners were computed at once, with autograd.
+        _convolve_block(
+            table, index, point_weights, weight_matrix, out, 0, rows.rows_per_chunk, geometry
+        )
         return out
 
     @staticmethod

@@ -160,7 +160,7 @@ def _deform_conv2d(
     needs_grad = _needs_autograd(input, offset, weight, bias, mask)
     exporting = _exporting()
     if input.device.type == "cpu" and not exporting and not _grid_sample_for_autograd(needs_grad):
-        return gather_deform_conv2d(
+        out = gather_deform_conv2d(
             input,
             offset,
             weight,
@@ -172,25 +172,27 @@ def _deform_conv2d(
             needs_grad=needs_grad,
             offset_grad_inside_only=offset_grad_inside_only,
         )
-
-    out = grid_sample_deform_conv2d(
-        input,
-        offset,
-        weight,
-        bias,
-        mask,
-        geometry,
-        sample_dtype=sample_dtype,
-        gemm_dtype=gemm_dtype,
-        offset_grad_inside_only=offset_grad_inside_only,
-        needs_grad=needs_grad,
-        exporting=exporting,
-    )
-    if is_channels_last(input) and not exporting:
-        # A channels-last input gets a channels-last output, as from torch's convolutions
-        # (and from the CPU kernel, which writes it so directly).
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+    else:
+        out = grid_sample_deform_conv2d(
+            input,
+            offset,
+            weight,
+            bias,
+            mask,
+            geometry,
+            sample_dtype=sample_dtype,
+            gemm_dtype=gemm_dtype,
+            offset_grad_inside_only=offset_grad_inside_only,
+            needs_grad=needs_grad,
+            exporting=exporting,
+        )
+    if exporting:
+        return out
+    # The output takes the input's layout, as from torch's convolutions: a no-op for the CPU
+    # kernel, which writes it so directly.
+    if is_channels_last(input):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out.contiguous()
 
 
 def _compute_dtypes(input: Tensor) -> tuple[torch.dtype, torch.dtype]:
