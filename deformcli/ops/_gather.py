@@ -24,6 +24,13 @@ from torch import Tensor
 from deformcli.ops._checks import Geometry
 from deformcli.ops._chunking import band_rows, block_rows, chunk_rows
 
+# oneDNN's GEMM is in torch's x86 builds; its linear op, registered with it, takes plain tensors.
+_ONEDNN_LINEAR_BUILT = (
+    torch.backends.mkldnn.is_available()
+    and torch.backends.cpu.get_cpu_capability().startswith("AVX")
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
+
 
 class _SamplingIndex(NamedTuple):
     """Where each output row's sampling points read the gather table (built once per call).
@@ -498,12 +505,44 @@ def _by_output_row(
     )
 
 
+def _matmul_transposed(left: Tensor, right: Tensor) -> Tensor:
+    """``left @ right.t()``: ``(M, N)`` from ``(M, D)`` and ``(N, D)``.
+
+    float32 without autograd on x86 goes to oneDNN's GEMM (the one F.conv2d uses), 10-25%
+    faster on these shapes than torch.mm, which sends float32 to MKL. Elsewhere (other
+    dtypes, autograd, TorchScript, torch.compile, builds without oneDNN) it is torch.mm.
+    """
+    if (
+        left.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (left.requires_grad or right.requires_grad))
+        and not torch.jit.is_scripting()
+        and _onednn_linear_usable()
+    ):
+        return _onednn_linear(left, right)
+    return torch.mm(left, right.t())
+
+
+@torch.jit.unused
+def _onednn_linear_usable() -> bool:
+    """Whether :func:`_onednn_linear` runs here: eager (torch.compile lowers the op only with
+    a constant weight), oneDNN built and enabled, on x86."""
+    return (
+        not torch.compiler.is_compiling() and _ONEDNN_LINEAR_BUILT and torch.backends.mkldnn.enabled
+    )
+
+
+@torch.jit.unused
+def _onednn_linear(left: Tensor, right: Tensor) -> Tensor:
+    """``left @ right.t()`` through oneDNN (no bias, no fused activation)."""
+    return torch.ops.mkldnn._linear_pointwise(left, right, None, "none", [], "")
+
+
 def _grouped_product(columns: Tensor, weight_matrix: Tensor, kernel_points: int) -> Tensor:
     """``(positions, C_out)`` products of columns ``(positions, K * C_in)`` with the weight
     ``(groups, C_out / groups, K * C_in / groups)``, group by group."""
     groups, group_out_channels, depth = weight_matrix.shape
     if groups == 1:
-        return torch.mm(columns, weight_matrix[0].t())
+        return _matmul_transposed(columns, weight_matrix[0])
     # (positions, K * C_in) -> (groups, positions, K * C_in / groups)
     group_in_channels = depth // kernel_points
     columns = columns.view(-1, kernel_points, groups, group_in_channels).permute(2, 0, 1, 3)
@@ -519,7 +558,7 @@ def _grouped_product_columns_grad(
     gradient ``grad`` ``(positions, C_out)`` of its product."""
     groups, group_out_channels, depth = weight_matrix.shape
     if groups == 1:
-        return torch.mm(grad, weight_matrix[0])
+        return _matmul_transposed(grad, weight_matrix[0].t())
     # (groups, positions, C_out / groups) times (groups, C_out / groups, depth), then back
     # to the columns' (positions, K, groups, C_in / groups) order.
     grouped_grad = grad.view(-1, groups, group_out_channels).transpose(0, 1)
@@ -535,7 +574,7 @@ def _grouped_product_matrix_grad(
     :func:`_grouped_product` of ``columns`` ``(positions, K * C_in)``, for the gradient
     ``grad`` ``(positions, C_out)`` of its product."""
     if groups == 1:
-        return torch.mm(grad.t(), columns).unsqueeze(0)
+        return _matmul_transposed(grad.t(), columns.t()).unsqueeze(0)
     depth = columns.shape[1] // groups
     grouped = columns.view(-1, kernel_points, groups, depth // kernel_points).permute(2, 0, 1, 3)
     grouped_grad = grad.view(grad.shape[0], groups, -1).permute(1, 2, 0)

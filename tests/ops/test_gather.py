@@ -20,6 +20,7 @@ from tests.helpers import (
     assert_outputs_and_grads_close,
     forward_and_grads,
     make_problem,
+    names_for,
 )
 
 TV = torchvision.ops.deform_conv2d
@@ -40,6 +41,66 @@ def test_cpu_eager_samples_without_grid_sample(monkeypatch):
         problem, forward_and_grads(deform_conv2d, problem), expected, 1e-10
     )
     assert not calls
+
+
+def _spy_on_onednn(monkeypatch) -> list[tuple[int, ...]]:
+    """Record the shape of each product sent to oneDNN."""
+    calls: list[tuple[int, ...]] = []
+    onednn_linear = deformcli.ops._gather._onednn_linear
+
+    def spy(left, right):
+        calls.append((*left.shape, right.shape[0]))
+        return onednn_linear(left, right)
+
+    monkeypatch.setattr(deformcli.ops._gather, "_onednn_linear", spy)
+    return calls
+
+
+@pytest.mark.skipif(
+    not deformcli.ops._gather._ONEDNN_LINEAR_BUILT, reason="torch without oneDNN's x86 GEMM"
+)
+def test_float32_products_run_on_onednn_forward_and_backward(monkeypatch):
+    # float32 GEMMs go to oneDNN (10-25% faster than torch.mm's MKL): the product, the columns'
+    # gradient (a transposed weight) and the weight's (both operands transposed). Each is
+    # checked against torchvision in float64 on the same values.
+    problem = make_problem(in_channels=16, out_channels=8, size=(9, 11))
+    expected = forward_and_grads(TV, problem)
+    low = make_problem(in_channels=16, out_channels=8, size=(9, 11), dtype=torch.float32)
+    for field in ("input", "offset", "weight", "bias", "mask"):
+        setattr(low, field, getattr(problem, field).float())
+    calls = _spy_on_onednn(monkeypatch)
+    with torch.no_grad():
+        out = low.call(deform_conv2d)
+    assert calls == [(2 * 9 * 11, 9 * 16, 8)]
+    assert_close_scaled(out.double(), expected[0], 1e-5, "inference output")
+    actual = forward_and_grads(deform_conv2d, low)
+    for name, got, wanted in zip(names_for(problem), actual, expected, strict=True):
+        assert got.dtype == torch.float32, name
+        assert_close_scaled(got.double(), wanted, 1e-5, name)
+    positions, depth = 2 * 9 * 11, 9 * 16
+    # The product, then the backward's: the weight's gradient, then the columns'.
+    assert calls[1:] == [(positions, depth, 8), (8, positions, depth), (positions, 8, depth)]
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # raised by flags()
+def test_float32_without_onednn_uses_torch_mm(monkeypatch):
+    # With oneDNN disabled (torch.backends.mkldnn.flags), and under autograd through the
+    # product (double backward), the products are torch.mm's, with the same numbers.
+    problem = make_problem(dtype=torch.float32)
+    calls = _spy_on_onednn(monkeypatch)
+    with torch.backends.mkldnn.flags(enabled=False):
+        actual = forward_and_grads(deform_conv2d, problem)
+    assert not calls
+    expected = forward_and_grads(TV, problem)
+    assert_outputs_and_grads_close(problem, actual, expected, 1e-5)
+    tensors = [t.detach().clone().requires_grad_() for t in problem.tensors()]
+    (grad_input,) = torch.autograd.grad(
+        problem.call(deform_conv2d, tensors).sum(), tensors[0], create_graph=True
+    )
+    calls.clear()
+    (grad_weight,) = torch.autograd.grad(grad_input.square().sum(), tensors[2])
+    assert not calls
+    assert grad_weight.abs().sum() > 0
 
 
 def test_inference_path_with_int64_indices(monkeypatch):
