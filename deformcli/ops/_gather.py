@@ -7,7 +7,8 @@ a fused CPU kernel that streams whole rows instead of gathering one scalar per c
 ``grid_sample`` must on channels-first images (about 5x faster on DBNet's layers). A one-pixel
 zero frame around the image holds the corners that fall just outside it, coordinates stay in
 pixels (integer points are exact, with no normalisation round trip), and the sampled columns
-come out as ``(positions, K * C_in)``, the layout a ``positions x C_out`` GEMM wants.
+come out as ``(positions, K * C_in)``, the layout a ``positions x C_out`` GEMM wants. In float32
+that GEMM is oneDNN's, as in dense conv2d (:func:`_matmul_transposed`).
 
 With autograd (:class:`_GatherConvolution`), the image's gradient is the same weighted sum
 the other way round, the corner weights' is embedding_bag's own kernel for it, and nothing
