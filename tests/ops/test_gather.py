@@ -59,27 +59,34 @@ def _spy_on_onednn(monkeypatch) -> list[tuple[int, ...]]:
 @pytest.mark.skipif(
     not deformcli.ops._gather._ONEDNN_LINEAR_BUILT, reason="torch without oneDNN's x86 GEMM"
 )
-def test_float32_products_run_on_onednn_forward_and_backward(monkeypatch):
-    # float32 GEMMs go to oneDNN (10-25% faster than torch.mm's MKL): the product, the columns'
-    # gradient (a transposed weight) and the weight's (both operands transposed). Each is
-    # checked against torchvision in float64 on the same values.
-    problem = make_problem(in_channels=16, out_channels=8, size=(9, 11))
+@pytest.mark.parametrize("groups", [1, 4])
+def test_float32_products_run_on_onednn_forward_and_backward(monkeypatch, groups):
+    # float32 GEMMs go to oneDNN (10-25% faster than torch.mm's MKL), one per conv group: the
+    # product, the columns' gradient (a transposed weight) and the weight's (both operands
+    # transposed). Each is checked against torchvision in float64 on the same values.
+    shape = {"in_channels": 16, "out_channels": 8, "size": (9, 11), "groups": groups}
+    problem = make_problem(**shape)
     expected = forward_and_grads(TV, problem)
-    low = make_problem(in_channels=16, out_channels=8, size=(9, 11), dtype=torch.float32)
+    low = make_problem(**shape, dtype=torch.float32)
     for field in ("input", "offset", "weight", "bias", "mask"):
         setattr(low, field, getattr(problem, field).float())
     calls = _spy_on_onednn(monkeypatch)
     with torch.no_grad():
         out = low.call(deform_conv2d)
-    assert calls == [(2 * 9 * 11, 9 * 16, 8)]
+    positions, depth, group_out = 2 * 9 * 11, 9 * 16 // groups, 8 // groups
+    assert calls == [(positions, depth, group_out)] * groups
     assert_close_scaled(out.double(), expected[0], 1e-5, "inference output")
+    calls.clear()
     actual = forward_and_grads(deform_conv2d, low)
     for name, got, wanted in zip(names_for(problem), actual, expected, strict=True):
         assert got.dtype == torch.float32, name
         assert_close_scaled(got.double(), wanted, 1e-5, name)
-    positions, depth = 2 * 9 * 11, 9 * 16
     # The product, then the backward's: the weight's gradient, then the columns'.
-    assert calls[1:] == [(positions, depth, 8), (8, positions, depth), (positions, 8, depth)]
+    assert calls == (
+        [(positions, depth, group_out)] * groups
+        + [(group_out, positions, depth)] * groups
+        + [(positions, group_out, depth)] * groups
+    )
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # raised by flags()
