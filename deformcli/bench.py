@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from deformcli.ops import deform_conv2d
-from deformcli.validation import check_allocation
+from deformcli.validation import InputError, check_allocation
 
 # The deformable layers of DBNet (ResNet stages 2-4 at 640x640 input, and a larger map).
 DBNET_LAYER_SHAPES: list[tuple[int, int, int, int]] = [
@@ -52,6 +52,8 @@ class LayerTiming:
     peak_mib: dict[str, float | None] | None = None
     #: Whether the tensors (and models) were laid out channels-last.
     channels_last: bool = False
+    #: The layer's conv groups (1 for the whole model).
+    groups: int = 1
 
     @property
     def speedup_vs_torchvision(self) -> float | None:
@@ -79,23 +81,30 @@ def make_layer_inputs(
     requires_grad: bool = False,
     seed: int = 0,
     channels_last: bool = False,
+    groups: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """Input, offset, mask and weight of a DBNet-style 3x3 DCNv2 layer (C_in = C_out), laid
-    out channels-last when ``channels_last``.
+    """Input, offset, mask and weight of a DBNet-style 3x3 DCNv2 layer (C_in = C_out) in
+    ``groups`` conv groups (as in ResNeXt's), laid out channels-last when ``channels_last``.
 
-    Raises InputError when the shape is not four positive sizes or its tensors (the input, or
-    the ``(C, C, 3, 3)`` weight) would not fit in memory.
+    Raises InputError when the shape is not four positive sizes, its channels do not split
+    into ``groups``, or its tensors (the input, or the ``(C, C / groups, 3, 3)`` weight) would
+    not fit in memory.
     """
     batch, channels, height, width = shape
     check_allocation(shape, dtype, "layer shape")
-    check_allocation((channels, channels, 3, 3), dtype, f"layer shape {list(shape)}: weight")
+    if groups < 1 or channels % groups:
+        raise InputError(
+            f"layer shape {list(shape)}: its {channels} channels do not split into {groups} groups"
+        )
+    group_channels = channels // groups
+    weight_shape = (channels, group_channels, 3, 3)
+    check_allocation(weight_shape, dtype, f"layer shape {list(shape)}: weight")
     generator = torch.Generator().manual_seed(seed)
     tensors = {
         "input": torch.randn(batch, channels, height, width, generator=generator),
         "offset": torch.randn(batch, 18, height, width, generator=generator),
         "mask": torch.rand(batch, 9, height, width, generator=generator),
-        "weight": torch.randn(channels, channels, 3, 3, generator=generator)
-        / (9 * channels) ** 0.5,
+        "weight": torch.randn(weight_shape, generator=generator) / (9 * group_channels) ** 0.5,
     }
     layout = torch.channels_last if channels_last else torch.contiguous_format
     return {
@@ -135,9 +144,10 @@ def layer_callable(
                 mask=tensors["mask"],
             )
     elif implementation == "dense":
+        groups = tensors["input"].shape[1] // tensors["weight"].shape[1]
 
         def forward() -> torch.Tensor:
-            return F.conv2d(tensors["input"], tensors["weight"], padding=1)
+            return F.conv2d(tensors["input"], tensors["weight"], padding=1, groups=groups)
     else:
         raise ValueError(
             f"unknown implementation {implementation!r}; choose from {IMPLEMENTATIONS}"
@@ -200,6 +210,7 @@ def _timing(
     rounds: int,
     times: dict[str, list[float]],
     channels_last: bool,
+    groups: int = 1,
 ) -> LayerTiming:
     medians = {name: statistics.median(values) for name, values in times.items()}
     return LayerTiming(
@@ -214,6 +225,7 @@ def _timing(
         compiled_ms=medians.get("deformcli-compiled"),
         spread_ms={name: _quartiles(values) for name, values in times.items()},
         channels_last=channels_last,
+        groups=groups,
     )
 
 
@@ -233,12 +245,13 @@ def time_layer(
     warmup: int = 2,
     compiled: bool = False,
     channels_last: bool = False,
+    groups: int = 1,
 ) -> LayerTiming:
     """Median time of deformcli, torchvision and dense conv2d on one layer, interleaved; with
     ``compiled``, also ``torch.compile`` of deformcli's op (compiled during warm-up); with
-    ``channels_last``, on channels-last tensors."""
+    ``channels_last``, on channels-last tensors; ``groups``: the layer's conv groups."""
     tensors = make_layer_inputs(
-        shape, dtype, device, requires_grad=backward, channels_last=channels_last
+        shape, dtype, device, requires_grad=backward, channels_last=channels_last, groups=groups
     )
     names = [n for n in IMPLEMENTATIONS if n != "torchvision" or torchvision_available()]
     if compiled:
@@ -247,7 +260,7 @@ def time_layer(
     if "torchvision" in runs and not _runs(runs["torchvision"]):
         del runs["torchvision"]  # e.g. its CPU kernel has no bfloat16: reported as n/a
     times = _interleaved_times(runs, device, rounds, warmup)
-    return _timing(shape, dtype, device, backward, rounds, times, channels_last)
+    return _timing(shape, dtype, device, backward, rounds, times, channels_last, groups)
 
 
 def run_benchmark(
@@ -259,11 +272,12 @@ def run_benchmark(
     memory: bool = False,
     on_step: Callable[[], None] | None = None,
     channels_last: bool = False,
+    groups: int = 1,
 ) -> list[LayerTiming]:
     """Time each layer of ``shapes`` (:func:`time_layer`), or the example DBNet when ``shapes``
     is None (:func:`time_model`). ``memory``: also the peak memory of each layer's timed pass
     (CPU only). ``on_step`` is called after each timing (progress). ``channels_last``: the
-    tensors and models laid out channels-last."""
+    tensors and models laid out channels-last. ``groups``: the layers' conv groups."""
     if shapes is None:
         timings = [
             time_model(dtype, device, backward=backward, rounds=rounds, channels_last=channels_last)
@@ -274,12 +288,19 @@ def run_benchmark(
     timings = []
     for shape in shapes:
         timing = time_layer(
-            shape, dtype, device, backward=backward, rounds=rounds, channels_last=channels_last
+            shape,
+            dtype,
+            device,
+            backward=backward,
+            rounds=rounds,
+            channels_last=channels_last,
+            groups=groups,
         )
         if memory and device == "cpu":
             dtype_name = str(dtype).removeprefix("torch.")
             timing.peak_mib = {
-                name: peak_memory_mib(name, shape, dtype_name, backward) for name in IMPLEMENTATIONS
+                name: peak_memory_mib(name, shape, dtype_name, backward, groups)
+                for name in IMPLEMENTATIONS
             }
         timings.append(timing)
         if on_step is not None:
@@ -340,20 +361,22 @@ def peak_memory_mib(
     shape: tuple[int, int, int, int],
     dtype: str = "float32",
     backward: bool = False,
+    groups: int = 1,
 ) -> float | None:
     """Peak extra resident memory (MiB) of one inference forward, or with ``backward`` of one
-    forward and backward, in a fresh subprocess.
+    forward and backward, of a layer in ``groups`` conv groups, in a fresh subprocess.
 
     Returns None where the platform cannot report it (it needs Linux's ``/proc``).
     """
     code = (
         "import sys, json; from deformcli.bench import _measure_peak_in_this_process as m; "
         "print(json.dumps(m(sys.argv[1], tuple(map(int, sys.argv[2].split(','))), sys.argv[3], "
-        "sys.argv[4] == 'backward')))"
+        "sys.argv[4] == 'backward', int(sys.argv[5]))))"
     )
     mode = "backward" if backward else "forward"
+    shape_arg = ",".join(map(str, shape))
     result = subprocess.run(
-        [sys.executable, "-c", code, implementation, ",".join(map(str, shape)), dtype, mode],
+        [sys.executable, "-c", code, implementation, shape_arg, dtype, mode, str(groups)],
         capture_output=True,
         text=True,
         check=True,
@@ -362,7 +385,11 @@ def peak_memory_mib(
 
 
 def _measure_peak_in_this_process(
-    implementation: str, shape: tuple[int, int, int, int], dtype: str, backward: bool = False
+    implementation: str,
+    shape: tuple[int, int, int, int],
+    dtype: str,
+    backward: bool = False,
+    groups: int = 1,
 ) -> float | None:
     """Peak resident memory (MiB) above the level before one forward (and backward), via
     Linux's VmHWM."""
@@ -371,7 +398,7 @@ def _measure_peak_in_this_process(
             clear_refs.write("5")  # resets the high-water mark VmHWM to the current resident size
     except OSError:
         return None
-    tensors = make_layer_inputs(shape, getattr(torch, dtype), requires_grad=backward)
+    tensors = make_layer_inputs(shape, getattr(torch, dtype), requires_grad=backward, groups=groups)
     # Warm up on a tiny layer so lazily loaded kernels do not count as the op's memory.
     tiny = make_layer_inputs((1, 8, 8, 8), requires_grad=backward)
     layer_callable(implementation, tiny, backward=backward)()

@@ -531,6 +531,10 @@ ChannelsLastFlag = Annotated[
 RoundsOption = Annotated[
     int, typer.Option("--rounds", min=1, help="Timed rounds (median reported).")
 ]
+GroupsOption = Annotated[
+    int,
+    typer.Option("--groups", min=1, help="Conv groups of the layers (ResNeXt's: 32)."),
+]
 MemoryFlag = Annotated[
     bool,
     typer.Option("--memory", help="Also measure peak memory, of the timed pass (CPU, slower)."),
@@ -550,6 +554,7 @@ def bench(
     dtype: BenchDtypeOption = "float32",
     backward: Annotated[bool, typer.Option("--backward", help="Time forward + backward.")] = False,
     channels_last: ChannelsLastFlag = False,
+    groups: GroupsOption = 1,
     rounds: RoundsOption = 7,
     memory: MemoryFlag = False,
     plot: PlotOption = None,
@@ -569,6 +574,10 @@ def bench(
     if plot is not None:
         check_output(plot, replace=force)  # before minutes of timing, not after
     shapes = _bench_shapes(preset, shape)
+    if shapes is None and groups != 1:
+        raise DeformcliError(
+            "--groups applies to layers (--shape, --preset dbnet-layers), not to --preset dbnet"
+        )
     with _progress(not as_json, "bench", len(shapes) if shapes else 1) as advance:
         timings = benchmarks.run_benchmark(
             shapes,
@@ -579,11 +588,13 @@ def bench(
             memory,
             on_step=advance,
             channels_last=channels_last,
+            groups=groups,
         )
     rows = [timing.to_dict() for timing in timings]
     title = (
         f"median ms over {rounds} rounds, {device}, {dtype}"
-        f"{', channels-last' if channels_last else ''}, "
+        f"{', channels-last' if channels_last else ''}"
+        f"{f', {groups} groups' if groups != 1 else ''}, "
         f"{'forward+backward' if backward else 'forward'}"
     )
     if plot is not None:

@@ -69,6 +69,20 @@ def test_channels_last_layers_and_model(monkeypatch):
     assert timing.channels_last and seen and all(seen)
 
 
+def test_grouped_layers():
+    # ResNeXt-style layers: the weight is (C, C / groups, 3, 3) and all three implementations
+    # (dense conv2d too) run it in groups; channels that do not split are refused.
+    tensors = make_layer_inputs((1, 8, 5, 7), groups=4)
+    assert tensors["weight"].shape == (8, 2, 3, 3)
+    timing = time_layer((1, 8, 5, 7), rounds=1, groups=4)
+    assert timing.groups == 4 and timing.to_dict()["groups"] == 4
+    assert set(timing.spread_ms) == {"deformcli", "torchvision", "dense"}
+    [with_memory] = run_benchmark([(1, 8, 5, 7)], rounds=1, memory=True, groups=4)
+    assert with_memory.groups == 4 and set(with_memory.peak_mib) == set(timing.spread_ms)
+    with pytest.raises(InputError, match="8 channels do not split into 3 groups"):
+        make_layer_inputs((1, 8, 5, 7), groups=3)
+
+
 def test_quartiles():
     assert _quartiles([5.0]) == [5.0, 5.0]
     assert _quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == [2.0, 4.0]

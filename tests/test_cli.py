@@ -269,6 +269,19 @@ def test_bench_layer_json():
     assert json.loads(_ok(runner.invoke(app, args)).output)[0]["channels_last"] is True
 
 
+def test_bench_groups():
+    args = ["bench", "--shape", "1,8,16,16", "--rounds", "1", "--groups", "4", "--json"]
+    row = json.loads(_ok(runner.invoke(app, args)).output)[0]
+    assert row["groups"] == 4 and row["deformcli_ms"] > 0 and row["dense_ms"] > 0
+    args[args.index("4")] = "3"
+    assert json.loads(_ok(runner.invoke(app, args), 2).output) == {
+        "error": "layer shape [1, 8, 16, 16]: its 8 channels do not split into 3 groups",
+        "exit_code": 2,
+    }
+    result = runner.invoke(app, ["bench", "--preset", "dbnet", "--groups", "2"])
+    assert _ok(result, 2).output.startswith("error: --groups applies to layers")
+
+
 def test_demo(tmp_path):
     payload = json.loads(
         _ok(runner.invoke(app, ["demo", "--out-dir", str(tmp_path), "--json"])).output
