@@ -517,18 +517,21 @@ def _matmul_transposed(left: Tensor, right: Tensor) -> Tensor:
         left.dtype == torch.float32
         and not (torch.is_grad_enabled() and (left.requires_grad or right.requires_grad))
         and not torch.jit.is_scripting()
-        and _onednn_linear_usable()
+        and _onednn_linear_usable(left)
     ):
         return _onednn_linear(left, right)
     return torch.mm(left, right.t())
 
 
 @torch.jit.unused
-def _onednn_linear_usable() -> bool:
-    """Whether :func:`_onednn_linear` runs here: eager (torch.compile lowers the op only with
-    a constant weight), oneDNN built and enabled, on x86."""
+def _onednn_linear_usable(left: Tensor) -> bool:
+    """Whether :func:`_onednn_linear` runs ``left``'s product: on the CPU, eagerly
+    (torch.compile lowers the op only with a constant weight), oneDNN built and enabled."""
     return (
-        not torch.compiler.is_compiling() and _ONEDNN_LINEAR_BUILT and torch.backends.mkldnn.enabled
+        left.is_cpu
+        and not torch.compiler.is_compiling()
+        and _ONEDNN_LINEAR_BUILT
+        and torch.backends.mkldnn.enabled
     )
 
 

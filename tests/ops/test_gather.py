@@ -110,6 +110,14 @@ def test_float32_without_onednn_uses_torch_mm(monkeypatch):
     assert grad_weight.abs().sum() > 0
 
 
+def test_products_off_the_cpu_use_torch_mm(monkeypatch):
+    # oneDNN's linear op takes CPU tensors only; the helper stays correct on other devices.
+    calls = _spy_on_onednn(monkeypatch)
+    left, right = torch.empty(3, 4, device="meta"), torch.empty(5, 4, device="meta")
+    assert deformcli.ops._gather._matmul_transposed(left, right).shape == (3, 5)
+    assert not calls
+
+
 def test_inference_path_with_int64_indices(monkeypatch):
     # Tables beyond 2**31 rows switch to int64 indices; force the switch on a small problem.
     assert deformcli.ops._gather._index_dtype(2**31 - 1) == torch.int32
