@@ -156,12 +156,20 @@ def check_gradcheck_and_gradgradcheck(device: str = "cpu") -> None:
 
 def check_kept_sampling_points(reference, device: str = "cpu") -> None:
     """The grid_sample formulation keeps each layer shape's sampling points from its first
-    call. Made under inference_mode they must still be ordinary tensors, which a later call's
-    backward can save. (Sizes are powers of two, so training reuses the same points.)"""
+    call (:func:`check_kept_across_modes`). Sizes are powers of two, so training reuses the
+    same points."""
     from deformcli.ops import _grid_sample
 
-    _grid_sample._cached_kernel_points.cache_clear()
     problem = make_problem(size=(8, 4), device=device)
+    check_kept_across_modes(reference, _grid_sample._cached_kernel_points, problem)
+
+
+def check_kept_across_modes(reference, cache, problem: Problem) -> None:
+    """``cache``, a ``functools.lru_cache`` of tensors kept per layer shape, filled first under
+    inference_mode: they must still be ordinary tensors, which a later call's backward can
+    save. Calls under inference_mode, with autograd and under no_grad match ``reference``, and
+    one of them reuses what the first kept."""
+    cache.cache_clear()
     with torch.inference_mode():
         first = problem.call(deform_conv2d)
     expected = forward_and_grads(reference, problem)
@@ -169,7 +177,9 @@ def check_kept_sampling_points(reference, device: str = "cpu") -> None:
     assert_outputs_and_grads_close(
         problem, forward_and_grads(deform_conv2d, problem), expected, 1e-10
     )
-    assert _grid_sample._cached_kernel_points.cache_info().hits >= 1
+    with torch.no_grad():
+        assert_close_scaled(problem.call(deform_conv2d), expected[0], 1e-10, "no_grad output")
+    assert cache.cache_info().hits >= 1
 
 
 def check_chunked_columns(reference, problem: Problem, cap_bytes: int, monkeypatch) -> None:

@@ -16,6 +16,7 @@ the size of the columns is kept for the backward. When the backward is itself di
 (double backward, which embedding_bag lacks), it switches to plain differentiable formulas.
 """
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -457,6 +458,22 @@ def _gather_table(input: Tensor, offset_groups: int, dtype: torch.dtype) -> Tens
     return table.view(-1, in_channels // offset_groups)
 
 
+class _IndexKey(NamedTuple):
+    """All a call's :class:`_SamplingIndex` depends on: ``batch`` images of ``height`` x
+    ``width``, the layer's geometry and kernel size, coordinates in ``dtype``, table rows in
+    ``index_dtype``."""
+
+    batch: int
+    height: int
+    width: int
+    geometry: Geometry
+    kernel_size: tuple[int, int]
+    dtype: torch.dtype
+    index_dtype: torch.dtype
+    device: torch.device
+    sample_minus_one: bool
+
+
 def _sampling_index(
     input: Tensor,
     geometry: Geometry,
@@ -466,29 +483,55 @@ def _sampling_index(
 ) -> _SamplingIndex:
     """The call's :class:`_SamplingIndex` for ``input`` laid out as :func:`_gather_table`, its
     coordinates in ``dtype`` (the sampling dtype, which the table's may not be: a bfloat16
-    table's integers are exact only up to 256)."""
-    (stride_h, stride_w), (padding_h, padding_w) = geometry.stride, geometry.padding
-    dilation_h, dilation_w = geometry.dilation
-    offset_groups, out_h, out_w = geometry.offset_groups, geometry.out_h, geometry.out_w
-    batch, _, height, width = input.shape
-    kernel_h, kernel_w = kernel_size
-    device = input.device
-    framed_w = width + 2
-    index_dtype = _index_dtype(batch * (height + 2) * framed_w * offset_groups)
+    table's integers are exact only up to 256).
 
-    flat_rows = torch.arange(batch * out_h, device=device)
-    kernel_index = torch.arange(kernel_h * kernel_w, device=device)
-    return _SamplingIndex(
-        image_base=(flat_rows // out_h * ((height + 2) * framed_w * offset_groups)).to(index_dtype),
-        row_y=(flat_rows % out_h * stride_h - padding_h).to(dtype),
-        col_x=(torch.arange(out_w, device=device) * stride_w - padding_w).to(dtype),
-        kernel_y=(kernel_index // kernel_w * dilation_h).to(dtype),
-        kernel_x=(kernel_index % kernel_w * dilation_w).to(dtype),
-        group_index=torch.arange(offset_groups, dtype=index_dtype, device=device),
-        height=height,
-        width=width,
-        sample_minus_one=sample_minus_one,
+    Eager calls keep it per layer shape: every call of a layer has the same, and making it
+    takes about 20 small operations (a tenth of a small layer's time)."""
+    batch, _, height, width = input.shape
+    index_dtype = _index_dtype(batch * (height + 2) * (width + 2) * geometry.offset_groups)
+    device = input.device
+    key = _IndexKey(
+        batch, height, width, geometry, kernel_size, dtype, index_dtype, device, sample_minus_one
     )
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return _build_sampling_index(key)
+    return _kept_sampling_index(key)
+
+
+@torch.jit.unused
+def _kept_sampling_index(key: _IndexKey) -> _SamplingIndex:
+    """:func:`_build_sampling_index`, kept for the last few layer shapes."""
+    # Ordinary tensors whatever mode the first call ran in: a kept inference tensor would fail
+    # any later call, outside inference mode, that saved it for its backward.
+    with torch.inference_mode(False):
+        return _cached_sampling_index(key)
+
+
+def _build_sampling_index(key: _IndexKey) -> _SamplingIndex:
+    """The :class:`_SamplingIndex` of ``key``'s layer shape."""
+    (stride_h, stride_w), (padding_h, padding_w) = key.geometry.stride, key.geometry.padding
+    dilation_h, dilation_w = key.geometry.dilation
+    out_h, out_w = key.geometry.out_h, key.geometry.out_w
+    kernel_h, kernel_w = key.kernel_size
+    image_rows = (key.height + 2) * (key.width + 2) * key.geometry.offset_groups
+    flat_rows = torch.arange(key.batch * out_h, device=key.device)
+    kernel_index = torch.arange(kernel_h * kernel_w, device=key.device)
+    return _SamplingIndex(
+        image_base=(flat_rows // out_h * image_rows).to(key.index_dtype),
+        row_y=(flat_rows % out_h * stride_h - padding_h).to(key.dtype),
+        col_x=(torch.arange(out_w, device=key.device) * stride_w - padding_w).to(key.dtype),
+        kernel_y=(kernel_index // kernel_w * dilation_h).to(key.dtype),
+        kernel_x=(kernel_index % kernel_w * dilation_w).to(key.dtype),
+        group_index=torch.arange(
+            key.geometry.offset_groups, dtype=key.index_dtype, device=key.device
+        ),
+        height=key.height,
+        width=key.width,
+        sample_minus_one=key.sample_minus_one,
+    )
+
+
+_cached_sampling_index = functools.lru_cache(maxsize=16)(_build_sampling_index)
 
 
 def _by_output_row(

@@ -8,9 +8,11 @@ import torchvision
 
 import deformcli.ops._gather
 from deformcli import deform_conv2d
+from deformcli.ops._checks import Geometry
 from deformcli.ops._gather import (
     _corner_products,
     _gather_table,
+    _IndexKey,
     _table_band,
     _weighted_row_scatter,
     _weighted_row_sums,
@@ -18,6 +20,7 @@ from deformcli.ops._gather import (
 from tests.helpers import (
     assert_close_scaled,
     assert_outputs_and_grads_close,
+    check_kept_across_modes,
     forward_and_grads,
     make_problem,
     names_for,
@@ -116,6 +119,27 @@ def test_products_off_the_cpu_use_torch_mm(monkeypatch):
     left, right = torch.empty(3, 4, device="meta"), torch.empty(5, 4, device="meta")
     assert deformcli.ops._gather._matmul_transposed(left, right).shape == (3, 5)
     assert not calls
+
+
+def test_sampling_index_is_kept_per_layer_shape_and_usable_with_autograd(monkeypatch):
+    # Made under inference_mode, the kept index must still be made of ordinary tensors, which
+    # a later call that autograd records can use; compiled calls make their own.
+    cached = deformcli.ops._gather._cached_sampling_index
+    problem = make_problem(offset_groups=2)
+    check_kept_across_modes(TV, cached, problem)
+    # Inference calls share one index; autograd's samples points at exactly -1 too (another).
+    assert cached.cache_info().currsize == 2
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        assert_close_scaled(problem.call(deform_conv2d), problem.call(TV), 1e-10, "compiling")
+    assert cached.cache_info().currsize == 2
+    geometry = Geometry((1, 1), (1, 1), (1, 1), 1, 1, 3, 3)
+    key = _IndexKey(
+        1, 3, 3, geometry, (3, 3), torch.float64, torch.int32, torch.device("cpu"), False
+    )
+    with torch.inference_mode():
+        index = deformcli.ops._gather._kept_sampling_index(key)
+    assert not any(t.is_inference() for t in index if isinstance(t, torch.Tensor))
 
 
 def test_inference_path_with_int64_indices(monkeypatch):
