@@ -35,7 +35,8 @@ _ONEDNN_LINEAR_BUILT = (
 
 
 class _SamplingIndex(NamedTuple):
-    """Where each output row's sampling points read the gather table (built once per call).
+    """Where each output row's sampling points read the gather table (the same for every call
+    of a layer shape: :func:`_sampling_index`).
 
     ``image_base``: ``(N * H_out,)`` first table row of each output row's image; ``row_y``:
     ``(N * H_out,)`` top sampling row; ``col_x``: ``(W_out,)`` left sampling column;

@@ -295,8 +295,10 @@ def test_non_finite_and_huge_offsets_sample_nothing(value, inference):
             assert torch.count_nonzero(tensor.grad) == 0
 
 
-def test_torchscript_of_functional_op():
-    problem = make_problem()
+@pytest.mark.parametrize("groups", [1, 2])
+def test_torchscript_of_functional_op(groups):
+    # Inference under TorchScript runs the gather kernel, its grouped products included.
+    problem = make_problem(groups=groups, offset_groups=3)
     scripted = torch.jit.script(deform_conv2d)
     assert_close_scaled(problem.call(scripted), problem.call(TV), 1e-10)
 
