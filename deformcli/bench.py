@@ -91,14 +91,8 @@ def make_layer_inputs(
     not fit in memory.
     """
     batch, channels, height, width = shape
-    check_allocation(shape, dtype, "layer shape")
-    if groups < 1 or channels % groups:
-        raise InputError(
-            f"layer shape {list(shape)}: its {channels} channels do not split into {groups} groups"
-        )
-    group_channels = channels // groups
-    weight_shape = (channels, group_channels, 3, 3)
-    check_allocation(weight_shape, dtype, f"layer shape {list(shape)}: weight")
+    weight_shape = _checked_weight_shape(shape, dtype, groups)
+    group_channels = weight_shape[1]
     generator = torch.Generator().manual_seed(seed)
     tensors = {
         "input": torch.randn(batch, channels, height, width, generator=generator),
@@ -111,6 +105,36 @@ def make_layer_inputs(
         name: t.to(device=device, dtype=dtype, memory_format=layout).requires_grad_(requires_grad)
         for name, t in tensors.items()
     }
+
+
+def _checked_weight_shape(
+    shape: tuple[int, int, int, int], dtype: torch.dtype, groups: int
+) -> tuple[int, int, int, int]:
+    """The ``(C, C / groups, 3, 3)`` weight of a layer of ``shape``, once the layer's input and
+    weight are known to fit in memory and its channels to split into ``groups``."""
+    check_allocation(shape, dtype, "layer shape")
+    channels = shape[1]
+    if groups < 1 or channels % groups:
+        raise InputError(
+            f"layer shape {list(shape)}: its {channels} channels do not split into {groups} groups"
+        )
+    weight_shape = (channels, channels // groups, 3, 3)
+    check_allocation(weight_shape, dtype, f"layer shape {list(shape)}: weight")
+    return weight_shape
+
+
+def check_benchmark(
+    shapes: list[tuple[int, int, int, int]] | None, dtype: torch.dtype, groups: int = 1
+) -> None:
+    """Raise InputError for what :func:`run_benchmark` cannot time (before minutes of timing,
+    not after): a layer shape that does not fit in memory or split into ``groups``, or
+    ``groups`` with the whole model, whose layers have theirs."""
+    if shapes is None and groups != 1:
+        raise InputError(
+            f"groups={groups}: conv groups apply to single layers, not to the example DBNet"
+        )
+    for shape in shapes or []:
+        _checked_weight_shape(shape, dtype, groups)
 
 
 def layer_callable(
@@ -277,7 +301,11 @@ def run_benchmark(
     """Time each layer of ``shapes`` (:func:`time_layer`), or the example DBNet when ``shapes``
     is None (:func:`time_model`). ``memory``: also the peak memory of each layer's timed pass
     (CPU only). ``on_step`` is called after each timing (progress). ``channels_last``: the
-    tensors and models laid out channels-last. ``groups``: the layers' conv groups."""
+    tensors and models laid out channels-last. ``groups``: the layers' conv groups.
+
+    Raises InputError first for what cannot be timed (:func:`check_benchmark`).
+    """
+    check_benchmark(shapes, dtype, groups)
     if shapes is None:
         timings = [
             time_model(dtype, device, backward=backward, rounds=rounds, channels_last=channels_last)

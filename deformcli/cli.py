@@ -574,10 +574,7 @@ def bench(
     if plot is not None:
         check_output(plot, replace=force)  # before minutes of timing, not after
     shapes = _bench_shapes(preset, shape)
-    if shapes is None and groups != 1:
-        raise DeformcliError(
-            "--groups applies to layers (--shape, --preset dbnet-layers), not to --preset dbnet"
-        )
+    benchmarks.check_benchmark(shapes, torch_dtype, groups)
     with _progress(not as_json, "bench", len(shapes) if shapes else 1) as advance:
         timings = benchmarks.run_benchmark(
             shapes,

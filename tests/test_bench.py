@@ -6,6 +6,7 @@ import torch
 import deformcli.bench
 from deformcli.bench import (
     _quartiles,
+    check_benchmark,
     make_layer_inputs,
     peak_memory_mib,
     run_benchmark,
@@ -81,6 +82,11 @@ def test_grouped_layers():
     assert with_memory.groups == 4 and set(with_memory.peak_mib) == set(timing.spread_ms)
     with pytest.raises(InputError, match="8 channels do not split into 3 groups"):
         make_layer_inputs((1, 8, 5, 7), groups=3)
+    # Refused before any timing, the whole model's too.
+    with pytest.raises(InputError, match="8 channels do not split into 3 groups"):
+        check_benchmark([(1, 4, 5, 7), (1, 8, 5, 7)], torch.float32, groups=3)
+    with pytest.raises(InputError, match="not to the example DBNet"):
+        run_benchmark(None, groups=2)
 
 
 def test_quartiles():

@@ -279,7 +279,7 @@ def test_bench_groups():
         "exit_code": 2,
     }
     result = runner.invoke(app, ["bench", "--preset", "dbnet", "--groups", "2"])
-    assert _ok(result, 2).output.startswith("error: --groups applies to layers")
+    assert _ok(result, 2).output.startswith("error: groups=2: conv groups apply to single layers")
 
 
 def test_demo(tmp_path):
