@@ -84,7 +84,7 @@ def test_grouped_layers():
         make_layer_inputs((1, 8, 5, 7), groups=3)
     # Refused before any timing, the whole model's too.
     with pytest.raises(InputError, match="8 channels do not split into 3 groups"):
-        check_benchmark([(1, 4, 5, 7), (1, 8, 5, 7)], torch.float32, groups=3)
+        check_benchmark([(1, 6, 5, 7), (1, 8, 5, 7)], torch.float32, groups=3)
     with pytest.raises(InputError, match="not to the example DBNet"):
         run_benchmark(None, groups=2)
 
