@@ -2,7 +2,7 @@
 model with deformable layers."""
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,14 @@ class Problem:
         return [
             t for t in (self.input, self.offset, self.weight, self.bias, self.mask) if t is not None
         ]
+
+    def to(self, *args, **kwargs) -> "Problem":
+        """A copy whose tensors are moved or cast by ``Tensor.to(*args, **kwargs)``."""
+        names = ("input", "offset", "weight", "bias", "mask")
+        tensors = {name: getattr(self, name) for name in names}
+        return replace(
+            self, **{name: t.to(*args, **kwargs) for name, t in tensors.items() if t is not None}
+        )
 
     def call(self, op, tensors: list[Tensor] | None = None) -> Tensor:
         """Run ``op`` on this problem, optionally with replacement tensors (same order)."""

@@ -73,9 +73,7 @@ def test_integer_offsets_match_torchvision_cuda_gradients(geometry):
 
 def test_mmcv_offset_gradient_on_cuda_equals_cpu():
     problem = make_problem(integer_offsets=True, offset_scale=1.5, groups=2, offset_groups=3)
-    on_cuda = make_problem(integer_offsets=True, offset_scale=1.5, groups=2, offset_groups=3)
-    for field in ("input", "offset", "weight", "bias", "mask"):
-        setattr(on_cuda, field, getattr(problem, field).cuda())
+    on_cuda = problem.to("cuda")
     expected = forward_and_grads(deform_conv2d_mmcv_grad, problem)
     actual = [t.cpu() for t in forward_and_grads(deform_conv2d_mmcv_grad, on_cuda)]
     assert_outputs_and_grads_close(problem, actual, expected, 1e-10)

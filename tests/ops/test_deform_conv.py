@@ -203,17 +203,14 @@ def test_half_precisions_against_float64(dtype, tol):
     # Sampling runs in float32; the error left is the input's and the GEMM's rounding.
     problem = make_problem(dtype=torch.float64, in_channels=8, out_channels=8, offset_groups=2)
     expected = problem.call(deform_conv2d)
-    low = make_problem(dtype=dtype, in_channels=8, out_channels=8, offset_groups=2)
-    for field in ("input", "offset", "weight", "bias", "mask"):
-        setattr(low, field, getattr(problem, field).to(dtype))
+    low = problem.to(dtype)
     out = low.call(deform_conv2d)
     assert out.dtype == dtype
     bound = tol * problem.weight.shape[1] ** 0.5
     assert_close_scaled(out.double(), expected, bound)
     # Gradients, sums of products of rounded values like the output, against torchvision's
     # in float64 on the same rounded values.
-    for field in ("input", "offset", "weight", "bias", "mask"):
-        setattr(problem, field, getattr(low, field).double())
+    problem = low.to(torch.float64)
     expected_grads = forward_and_grads(TV, problem)[1:]
     actual_grads = forward_and_grads(deform_conv2d, low)[1:]
     for name, actual, wanted in zip(

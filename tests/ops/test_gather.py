@@ -70,9 +70,7 @@ def test_float32_products_run_on_onednn_forward_and_backward(monkeypatch, groups
     shape = {"in_channels": 16, "out_channels": 8, "size": (9, 11), "groups": groups}
     problem = make_problem(**shape)
     expected = forward_and_grads(TV, problem)
-    low = make_problem(**shape, dtype=torch.float32)
-    for field in ("input", "offset", "weight", "bias", "mask"):
-        setattr(low, field, getattr(problem, field).float())
+    low = problem.to(torch.float32)
     calls = _spy_on_onednn(monkeypatch)
     with torch.no_grad():
         out = low.call(deform_conv2d)
